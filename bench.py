@@ -1,0 +1,285 @@
+"""Speed, memory and FLOPs of CAT against the ViT and Performer baselines (SPEC 8).
+
+    python bench.py                                        # CPU: paper-size models, 224/384/768 px, batch 1
+    python bench.py --device cuda --amp --compile --batch-size 32 --iters 20
+    python bench.py --smoke                                # seconds: tiny models, small images
+
+The models are timed in turn inside each round (interleaved), so a slow patch of the machine hits them all
+alike, and the median round counts. Reported per model and resolution: forward+backward and forward-only
+images/s, FLOPs per image (counted by torch.utils.flop_counter), memory, achieved TFLOP/s and MFU (when the
+device peak is known); then the CAT/ViT speed ratios, the exponent of cost against token count, and the
+quadratic/linear crossover of the cross-axis product.
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from model import CAT, PRESETS, count_flops, cross_axis_attention
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}    # bf16 dense
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["cat-paper", "vit-paper", "performer-paper"],
+                        choices=sorted(PRESETS), help="the first is compared with `vit-paper` (or the second)")
+    parser.add_argument("--res", type=int, nargs="+", default=[224, 384, 768])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 1 on CPU, 32 on CUDA")
+    parser.add_argument("--iters", type=int, default=None, help="timed rounds (default: 2 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--crossover-widths", type=int, nargs="*", default=[8, 16, 32, 64, 96, 128, 192],
+                        help="grid widths for the quadratic/linear timing (none: skip it)")
+    parser.add_argument("--timm", action="store_true", help="add timm's ViT of the vit-paper size, if installed")
+    parser.add_argument("--smoke", action="store_true", help="tiny models at 32/64 px, one round: seconds")
+    parser.add_argument("--json", default=None, help="write all results to this file")
+    parser.add_argument("--plot", default=None, help="PNG of images/s and memory against resolution "
+                        "(needs matplotlib; skipped without it)")
+    args = parser.parse_args(argv)
+    cpu = args.device == "cpu"
+    if args.smoke:
+        args.models, args.res, args.iters, args.warmup = ["cat-tiny", "vit-tiny", "performer-tiny"], [32, 64], 1, 0
+        args.crossover_widths = [4, 8, 16] if args.crossover_widths else []
+    args.batch_size = args.batch_size or (1 if cpu else 32)
+    args.iters = args.iters or (2 if cpu else 20)
+    for res in args.res:
+        for name in args.models:
+            if res % PRESETS[name].patch:
+                parser.error(f"--res {res} is not divisible by the patch size {PRESETS[name].patch} of {name}")
+    return args
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def activation_bytes(model, images, autocast):
+    """Bytes autograd keeps for the backward pass of one forward (distinct storages, weights excluded):
+    the memory that grows with resolution, measurable on any device."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast():
+        model(images)
+    return sum(storages.values())
+
+
+def build(name, res, args, device):
+    if name == "timm-vit":
+        import timm
+        base = PRESETS["vit-paper"]
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=res, patch_size=base.patch, embed_dim=base.dim, depth=base.depth, num_heads=base.heads,
+            mlp_ratio=base.mlp_ratio, num_classes=base.num_classes)
+        config = base
+    else:
+        config = replace(PRESETS[name], img_size=res)
+        model = CAT(config)
+    model = model.to(device)
+    return (torch.compile(model) if args.compile else model), model, config
+
+
+def benchmark(args):
+    device = torch.device(args.device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    names = list(args.models)
+    if args.timm:
+        try:
+            import timm  # noqa: F401
+            names.append("timm-vit")
+        except ImportError:
+            print("timm is not installed: skipping the outside reference")
+    rows = []
+    for res in args.res:
+        torch.manual_seed(0)
+        images = torch.randn(args.batch_size, 3, res, res, device=device)
+        labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+        built = {name: build(name, res, args, device) for name in names}
+
+        def train_step(model, classes):
+            with autocast():
+                loss = F.cross_entropy(model(images).float(), labels % classes)
+            loss.backward()
+
+        def forward_step(model):
+            with torch.no_grad(), autocast():
+                model(images)
+
+        times = {name: {"train": [], "forward": []} for name in names}
+        for round_ in range(args.warmup + args.iters):
+            for name, (model, raw, config) in built.items():
+                raw.zero_grad(set_to_none=True)
+                train_time = timed(lambda: train_step(model, config.num_classes), device)
+                forward_time = timed(lambda: forward_step(model), device)
+                if round_ >= args.warmup:
+                    times[name]["train"].append(train_time)
+                    times[name]["forward"].append(forward_time)
+        for name, (model, raw, config) in built.items():
+            train_s, forward_s = statistics.median(times[name]["train"]), statistics.median(times[name]["forward"])
+            flops = count_flops(config, res) if name != "timm-vit" else None
+            row = {"model": name, "res": res, "tokens": (res // config.patch) ** 2, "batch": args.batch_size,
+                   "train_images_per_s": args.batch_size / train_s, "forward_images_per_s": args.batch_size / forward_s,
+                   "gflops": flops / 1e9 if flops else None, "params_m": raw_params(raw) / 1e6,
+                   "activation_mib": activation_bytes(raw, images, autocast) / 2**20}
+            if flops:
+                row["train_tflops_per_s"] = 3 * flops * row["train_images_per_s"] / 1e12
+                row["mfu"] = row["train_tflops_per_s"] * 1e12 / peak if peak else None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                raw.zero_grad(set_to_none=True)
+                train_step(model, config.num_classes)
+                row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            rows.append(row)
+            print(format_row(row), flush=True)
+        del built
+    return rows
+
+
+def raw_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def format_row(r):
+    gflops = f"{r['gflops']:8.2f}" if r["gflops"] else f"{'-':>8}"
+    tflops = f"{r['train_tflops_per_s']:7.3f}" if r.get("train_tflops_per_s") else f"{'-':>7}"
+    mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else f"{'-':>6}"
+    peak = f"{r['peak_mib']:9.0f}" if "peak_mib" in r else f"{'-':>9}"
+    return (f"{r['model']:>16} {r['res']:>5} {r['tokens']:>6} {r['train_images_per_s']:>10.3f} "
+            f"{r['forward_images_per_s']:>10.3f} {gflops} {tflops} {mfu} {r['activation_mib']:>9.0f} {peak}")
+
+
+HEADER = (f"{'model':>16} {'res':>5} {'tokens':>6} {'train im/s':>10} {'fwd im/s':>10} {'GFLOPs':>8} "
+          f"{'TFLOP/s':>7} {'MFU':>6} {'act MiB':>9} {'peak MiB':>9}")
+
+
+def ratios(rows, fast, slow):
+    """Speed ratio fast/slow (train and forward) and FLOP ratio slow/fast at each resolution."""
+    table = []
+    for res in sorted({r["res"] for r in rows}):
+        a = next((r for r in rows if r["model"] == fast and r["res"] == res), None)
+        b = next((r for r in rows if r["model"] == slow and r["res"] == res), None)
+        if a and b:
+            table.append({"res": res, "train_speedup": a["train_images_per_s"] / b["train_images_per_s"],
+                          "forward_speedup": a["forward_images_per_s"] / b["forward_images_per_s"],
+                          "flop_ratio": b["gflops"] / a["gflops"] if a["gflops"] and b["gflops"] else None})
+    return table
+
+
+def cost_exponent(rows, model, key="train_images_per_s"):
+    """Least-squares slope of log(seconds per image) against log(tokens): 1 is linear, 2 quadratic."""
+    points = [(math.log(r["tokens"]), -math.log(r[key])) for r in rows if r["model"] == model]
+    if len(points) < 2:
+        return None
+    mx, my = (sum(p[i] for p in points) / len(points) for i in (0, 1))
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+def crossover(widths, head_dim, heads, device, iters, warmup):
+    """Forward+backward time of both cross-axis forms on a square grid of each width, at a fixed head dim."""
+    table = []
+    for width in widths:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, heads, width, width, head_dim, device=device, requires_grad=True) for _ in range(3))
+        result = {"width": width}
+        for form in ("quadratic", "linear"):
+            def step():
+                cross_axis_attention(q, k, v, form).sum().backward()
+            samples = [timed(step, device) for _ in range(warmup + iters)][warmup:]
+            result[form + "_ms"] = 1000 * statistics.median(samples)
+        result["auto"] = "quadratic" if width <= head_dim else "linear"
+        table.append(result)
+    return table
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {threads} threads"
+    print(f"bench on {where}, batch {args.batch_size}, {args.iters} timed round(s) after {args.warmup}, "
+          f"amp={args.amp}, compile={args.compile}, torch {torch.__version__}")
+    print(HEADER)
+    rows = benchmark(args)
+    fast = args.models[0]
+    slow = "vit-paper" if "vit-paper" in args.models[1:] else args.models[1] if len(args.models) > 1 else None
+    result = {"device": where, "args": vars(args), "rows": rows}
+    if slow:
+        result["ratios"] = ratios(rows, fast, slow)
+        print(f"\n{fast} / {slow}:  res  train speed  forward speed  FLOP ratio")
+        for r in result["ratios"]:
+            flop = f"{r['flop_ratio']:.2f}x" if r["flop_ratio"] else "-"
+            print(f"{'':>{len(fast) + len(slow) + 3}}{r['res']:>5}  {r['train_speedup']:>10.2f}x  "
+                  f"{r['forward_speedup']:>12.2f}x  {flop:>9}")
+    result["exponents"] = {name: cost_exponent(rows, name) for name in {r["model"] for r in rows}}
+    print("\ncost exponent (seconds per image ~ tokens^e, fwd+bwd): " +
+          ", ".join(f"{name} {e:.2f}" for name, e in sorted(result["exponents"].items()) if e is not None))
+    if args.crossover_widths:
+        base = PRESETS[fast] if PRESETS[fast].attn == "cross_axis" else PRESETS["cat-paper"]
+        result["crossover"] = crossover(args.crossover_widths, base.head_dim, base.heads, torch.device(args.device),
+                                        max(args.iters, 3), 1)
+        print(f"\ncross-axis forms, fwd+bwd ms on a W x W grid, {base.heads} heads of dim {base.head_dim}:")
+        for r in result["crossover"]:
+            winner = "linear" if r["linear_ms"] < r["quadratic_ms"] else "quadratic"
+            print(f"  W {r['width']:>4}: quadratic {r['quadratic_ms']:9.2f}  linear {r['linear_ms']:9.2f}  "
+                  f"faster: {winner:9}  auto: {r['auto']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot, where)
+    return result
+
+
+def plot(rows, path, where):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == name]
+        res = [r["res"] for r in mine]
+        axes[0].plot(res, [r["train_images_per_s"] for r in mine], "o-", label=name)
+        axes[1].plot(res, [r.get("peak_mib", r["activation_mib"]) for r in mine], "o-", label=name)
+    axes[0].set(xlabel="resolution (px)", ylabel="train images/s (fwd+bwd)", xscale="log", yscale="log")
+    memory = "peak memory (MiB)" if "peak_mib" in rows[0] else "activations saved for backward (MiB)"
+    axes[1].set(xlabel="resolution (px)", ylabel=memory, xscale="log", yscale="log")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"CAT vs baselines, {where}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

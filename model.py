@@ -1,0 +1,392 @@
+"""The Cross-Axis Transformer (Erickson 2023, arXiv 2311.07184) and its baselines, in one file.
+
+Read top to bottom: config and presets, the cross-axis operation, the three attentions (cross-axis,
+softmax ViT, Performer), the block, the model. Needs only torch and rope2d.py. The exact tensor
+operations follow SPEC.md section 2, since the paper's Sec. 2.1 lost them in conversion.
+
+Shapes: B batch, H x W patch grid, D model width, h heads, d = D / h head width.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rope2d import SCHEMES, AbsolutePosition, RotaryPosition, split_scheme
+
+CHOICES = {
+    "attn": ("cross_axis", "softmax", "performer"),
+    "axis": ("row", "alternate"),
+    "form": ("auto", "quadratic", "linear"),
+    "performer_kernel": ("favor", "relu"),
+    "pos": SCHEMES,
+    "imprint": ("none", "constant", "tanh_decay", "tanh_grow"),
+    "pool": ("mean", "corner", "cls"),
+}
+
+
+@dataclass
+class CATConfig:
+    """Every model option. The defaults are the paper's model (`cat-paper`), with both axes seen."""
+    img_size: int = 224             # training resolution; any multiple of `patch` works at run time
+    patch: int = 8
+    dim: int = 1024
+    depth: int = 5
+    heads: int = 8
+    mlp_ratio: float = 1.0          # FFN hidden = mlp_ratio * dim; the paper's CAT uses 1
+    num_classes: int = 1000
+    attn: str = "cross_axis"        # cross_axis | softmax (ViT) | performer
+    axis: str = "alternate"         # row: the paper's; alternate: odd blocks swap H and W (SPEC 2.1)
+    form: str = "auto"              # cross-axis product order: auto | quadratic | linear
+    mid_norm: bool = False          # ablation: normalise the scores between the two products (paper Sec. 4)
+    performer_kernel: str = "favor"  # favor: positive orthogonal random features; relu
+    performer_features: int = 64    # random features per head for favor
+    pos: str = "cat"                # rope2d.SCHEMES
+    imprint: str = "constant"       # residual imprint schedule, SPEC 2.3 / paper Table 4
+    pool: str = "mean"              # mean | corner (released code) | cls
+    dropout: float = 0.0
+    drop_path: float = 0.0
+
+    def __post_init__(self):
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("img_size", "patch", "dim", "depth", "heads", "num_classes", "performer_features"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.mlp_ratio <= 0 or int(self.mlp_ratio * self.dim) < 1:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        for name in ("dropout", "drop_path"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.img_size % self.patch:
+            raise ValueError(f"img_size ({self.img_size}) must be divisible by patch ({self.patch})")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        rotary = split_scheme(self.pos)[1]
+        if rotary and (self.dim // self.heads) % (2 if rotary == "cat_ref" else 4):
+            raise ValueError(f"head dim dim/heads = {self.dim // self.heads} must be divisible by "
+                             f"{2 if rotary == 'cat_ref' else 4} for pos={self.pos!r}")
+        if self.mid_norm and (self.attn != "cross_axis" or self.form == "linear"):
+            raise ValueError("mid_norm needs attn='cross_axis' and form 'quadratic' or 'auto': "
+                             "a normalisation between the products cannot be re-associated")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.heads
+
+    @property
+    def grid(self):
+        return self.img_size // self.patch
+
+
+PRESETS = {
+    # The paper's model (Table 3: D 1024, 5 layers, 8 heads, patch 8; ~33M parameters) with the fix of
+    # SPEC 2.1: true 2D rotary needs `alternate` to see both axes.
+    "cat-paper": CATConfig(),
+    # What the released code does: its modulation (`cat_ref`), row scores only, decaying imprint, corner pool.
+    "cat-ref": CATConfig(pos="cat_ref", axis="row", imprint="tanh_decay", pool="corner"),
+    # The paper's ViT baseline: same width, depth, heads and patch; softmax attention, MLP 4, APE.
+    "vit-paper": CATConfig(attn="softmax", mlp_ratio=4.0, pos="ape", imprint="none"),
+    # The same ViT with FAVOR+ linear attention, for the speed comparison.
+    "performer-paper": CATConfig(attn="performer", mlp_ratio=4.0, pos="ape", imprint="none"),
+    # Small versions for CPU work (64 px, an 8 x 8 grid).
+    "cat-tiny": CATConfig(img_size=64, dim=192, depth=6, heads=8, num_classes=8),
+    "vit-tiny": CATConfig(img_size=64, dim=192, depth=6, heads=8, num_classes=8,
+                          attn="softmax", mlp_ratio=4.0, pos="ape", imprint="none"),
+    "performer-tiny": CATConfig(img_size=64, dim=192, depth=6, heads=8, num_classes=8,
+                                attn="performer", mlp_ratio=4.0, pos="ape", imprint="none"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The cross-axis operation (SPEC 2)
+
+def cross_axis_attention(q, k, v, form="auto", mid_norm=False):
+    """Every token receives every value, weighted by a score computed inside its own row.
+
+    q, k, v: (B, h, H, W, d) -> (B, h, H, W, d). No softmax and no 1/sqrt(d), as in the released code:
+        S[i, j, j'] = <q[i, j], k[i, j']>     (scores within row i)
+        Vbar[j']    = sum_i' v[i', j']         (values summed over rows)
+        o[i, j]     = sum_j' S[i, j, j'] Vbar[j']
+    Without a softmax the product re-associates exactly into the linear form o[i] = q[i] @ (k[i]^T Vbar),
+    a d x d matrix per row. Per head, the quadratic form costs ~2*H*W*W*d multiply-adds, the linear one
+    ~2*H*W*d*d; `auto` takes the cheaper. mid_norm (the RetNet-style normalisation the paper found to
+    hurt) divides each score row by its absolute sum, which only the quadratic form allows.
+    """
+    if form not in CHOICES["form"]:
+        raise ValueError(f"form must be one of {CHOICES['form']}, got {form!r}")
+    if form == "auto":
+        form = "quadratic" if mid_norm or q.shape[-2] <= q.shape[-1] else "linear"
+    vbar = v.sum(2, keepdim=True)                                    # (B, h, 1, W, d)
+    if form == "linear":
+        if mid_norm:
+            raise ValueError("mid_norm cannot use the linear form")
+        return q @ (k.transpose(-1, -2) @ vbar)                      # (B, h, H, d, d) -> (B, h, H, W, d)
+    scores = q @ k.transpose(-1, -2)                                 # (B, h, H, W, W)
+    if mid_norm:
+        scores = scores / scores.abs().sum(-1, keepdim=True).clamp(min=1)
+    return scores @ vbar                                             # (B, h, H, W, d)
+
+
+def imprint_alpha(mode, layer, depth):
+    """Weight of the embedding imprint in block `layer` (SPEC 2.3; paper Table 4)."""
+    t = math.tanh(math.pi * layer / depth)
+    return {"none": 0.0, "constant": 1.0, "tanh_decay": 1.0 - t, "tanh_grow": t}[mode]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+class Attention(nn.Module):
+    """What every attention here shares: the qkv projection (+ imprint), heads, positions, output.
+
+    Subclasses define attend(qkv (3, B, h, H, W, d), cls_column) -> (B, h, H, W, d).
+    """
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        rotary = split_scheme(cfg.pos)[1]
+        self.pos = RotaryPosition(rotary, cfg.dim, cfg.heads) if rotary else None
+
+    def forward(self, x, embed=None, alpha=0.0, cls_column=False):   # x: (B, H, W, D)
+        B, H, W, D = x.shape
+        qkv = self.qkv(x).view(B, H, W, 3, D)
+        if alpha:                                                    # alpha_l * E onto q, k and v (SPEC 2.3)
+            qkv = qkv.add(embed.unsqueeze(3), alpha=alpha)
+        qkv = qkv.view(B, H, W, 3, self.heads, -1).permute(3, 0, 4, 1, 2, 5)   # (3, B, h, H, W, d)
+        o = self.attend(qkv, cls_column)                             # (B, h, H, W, d)
+        return self.drop(self.proj(o.permute(0, 2, 3, 1, 4).reshape(B, H, W, D)))
+
+    def rotate(self, qk, cls_column):
+        """Positions on q and k together, (2, B, h, H, W, c); the rotated copy is contiguous for the matmuls."""
+        return qk if self.pos is None else self.pos(qk, cls_column)
+
+
+class CrossAxisAttention(Attention):
+    """CAT's attention: cross_axis_attention, then RetNet's per-head GroupNorm (paper Sec. 2.1).
+
+    With axis='alternate', odd blocks transpose the grid: scores within a column, values summed over
+    columns. Without it a true rotary cannot tell rows apart (SPEC 2.1): q and k of one row share the
+    height angle, which cancels in the scores, and Vbar sums over rows, so the block is equivariant to
+    permuting the rows.
+    """
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.transpose = cfg.axis == "alternate" and layer % 2 == 1
+        self.form, self.mid_norm = cfg.form, cfg.mid_norm
+        self.norm = nn.GroupNorm(cfg.heads, cfg.heads)               # each head over its whole (H, W, d)
+        # RetNet's gamma on k of head n. The GroupNorm that follows cancels it (up to eps); kept for fidelity.
+        gamma = 1 - 2.0 ** (-5 - torch.arange(cfg.heads, dtype=torch.float32))
+        self.register_buffer("gamma", gamma.view(-1, 1, 1, 1), persistent=False)
+
+    def attend(self, qkv, cls_column):
+        qk, v = qkv.split([2, 1])                                    # split, not indexing: its backward
+        q, k = self.rotate(qk, cls_column)                           # concatenates instead of zero-filling
+        v = v[0]
+        k = k * self.gamma.to(k.dtype)
+        if self.transpose:
+            q, k, v = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)   # (B, h, W, H, d)
+        o = cross_axis_attention(q, k, v, self.form, self.mid_norm)
+        if self.transpose:
+            o = o.transpose(2, 3)                                    # back to (B, h, H, W, d)
+        return self.norm(o)
+
+
+class SoftmaxAttention(Attention):
+    """ViT's multi-head attention over all H*W tokens through scaled_dot_product_attention."""
+
+    def attend(self, qkv, cls_column):
+        qk, v = qkv.split([2, 1])
+        q, k = self.rotate(qk, cls_column)
+        v = v[0]
+        B, h, H, W, d = q.shape
+        o = F.scaled_dot_product_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3))  # (B, h, HW, d)
+        return o.view(B, h, H, W, d)
+
+
+class PerformerAttention(Attention):
+    """Performer (Choromanski et al. 2021): linear attention through a feature map phi.
+
+    favor: FAVOR+ positive orthogonal random features, phi(x) = exp(w.x - |x|^2/2) / sqrt(m), an unbiased
+    estimate of the softmax kernel exp(q.k / sqrt(d)); relu: phi(x) = relu(x) + 1e-3 (m = d).
+    Rotary positions follow RoFormer's linear-attention form: the feature-mapped q and k are rotated in the
+    numerator only; the normaliser stays unrotated and so positive.
+    """
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.kernel = cfg.performer_kernel
+        if self.kernel == "favor":
+            self.register_buffer("features", orthogonal_features(cfg.performer_features, cfg.head_dim))
+
+    def feature_map(self, x, is_query):                               # (B, h, N, d) -> (B, h, N, m)
+        if self.kernel == "relu":
+            return F.relu(x) + 1e-3
+        x = x * x.shape[-1] ** -0.25                                 # so that phi(q).phi(k) ~ exp(q.k / sqrt(d))
+        proj = x @ self.features.T                                   # (B, h, N, m)
+        # Subtracting a max keeps exp finite; it cancels between numerator and normaliser, so it must be
+        # per query for q and one constant over all keys for k.
+        shift = proj.amax(-1, keepdim=True) if is_query else proj.amax((-2, -1), keepdim=True)
+        return torch.exp(proj - x.square().sum(-1, keepdim=True) / 2 - shift.detach()) / math.sqrt(proj.shape[-1])
+
+    def attend(self, qkv, cls_column):
+        _, B, h, H, W, d = qkv.shape
+        q, k, v = qkv.float().flatten(3, 4)                          # (B, h, N, d) each, fp32 for exp
+        fq, fk = self.feature_map(q, True), self.feature_map(k, False)   # (B, h, N, m)
+        m = fq.shape[-1]
+        rq, rk = self.rotate(torch.stack([fq, fk]).view(2, B, h, H, W, m), cls_column)
+        kv = rk.flatten(2, 3).transpose(-1, -2) @ v                  # (B, h, m, d)
+        numerator = rq.flatten(2, 3) @ kv                            # (B, h, N, d)
+        normaliser = fq @ fk.sum(2).unsqueeze(-1)                    # (B, h, N, 1)
+        return (numerator / normaliser.clamp(min=1e-6)).view(B, h, H, W, d)
+
+
+def orthogonal_features(m, d):
+    """FAVOR+ projection (m, d): stacked blocks of random orthogonal rows, each rescaled to the norm of a
+    Gaussian vector so that the rows are marginally N(0, I) (Choromanski et al. 2021, Sec. 2.4)."""
+    blocks = [torch.linalg.qr(torch.randn(d, d))[0].T for _ in range(-(-m // d))]
+    return torch.cat(blocks)[:m] * torch.randn(m, d).norm(dim=1, keepdim=True)
+
+
+ATTENTION = {"cross_axis": CrossAxisAttention, "softmax": SoftmaxAttention, "performer": PerformerAttention}
+
+
+# ----------------------------------------------------------------------------------------------
+# Block and model
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *[1] * (x.dim() - 1), device=x.device) >= p
+    return x * keep.to(x.dtype) / (1 - p)
+
+
+class FeedForward(nn.Module):
+    """Linear(D, rD) -> SiLU -> Linear(rD, D), no biases (SPEC 2.2)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        self.up = nn.Linear(cfg.dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.dim, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.down(F.silu(self.up(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block on the grid: x + Attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.attn = ATTENTION[cfg.attn](cfg, layer)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.ffn = FeedForward(cfg)
+        self.drop_path = cfg.drop_path * layer / max(cfg.depth - 1, 1)    # linear in depth
+
+    def forward(self, x, embed=None, alpha=0.0, cls_column=False):   # (B, H, W, D) -> (B, H, W, D)
+        x = x + drop_path(self.attn(self.norm1(x), embed, alpha, cls_column), self.drop_path, self.training)
+        return x + drop_path(self.ffn(self.norm2(x)), self.drop_path, self.training)
+
+
+class CAT(nn.Module):
+    """Image classifier: conv patch embedding, blocks on the (H, W) grid, final LayerNorm, pooling, head.
+
+    forward(images (B, 3, R, R')) -> logits (B, num_classes), for any R, R' divisible by the patch.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch, cfg.patch)
+        self.ape = AbsolutePosition(cfg.dim, (cfg.grid, cfg.grid)) if split_scheme(cfg.pos)[0] else None
+        # The class token (pool='cls') must sit on the grid for the cross-axis attention: it takes an extra
+        # column, one copy per row, and the copies are averaged at the end. The copies are not rotated.
+        # Every attention sees this same layout; for softmax / Performer the H identical copies act as one
+        # class token whose key counts H times.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 1, cfg.dim)) if cfg.pool == "cls" else None
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.depth))
+        self.alphas = [imprint_alpha(cfg.imprint, layer, cfg.depth) for layer in range(cfg.depth)]
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.apply(init_weights)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, images):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[2] % self.config.patch or images.shape[3] % self.config.patch:
+            raise ValueError(f"image size {tuple(images.shape[2:])} is not divisible by the patch size "
+                             f"{self.config.patch}")
+        # channels-last in, so that the permuted embedding is contiguous: (B, H, W, D) all the way down
+        x = self.patch_embed(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        if self.ape is not None:
+            x = self.ape(x)
+        cls_column = self.cls_token is not None
+        if cls_column:
+            B, H = x.shape[:2]
+            x = torch.cat([x, self.cls_token.expand(B, H, 1, -1).to(x.dtype)], 2)  # (B, H, W+1, D)
+        embed = x                                                    # E, the imprint (SPEC 2.3)
+        for block, alpha in zip(self.blocks, self.alphas):
+            x = block(x, embed, alpha, cls_column)
+        x = self.norm(x)
+        if self.config.pool == "mean":
+            x = x.mean((1, 2))
+        elif self.config.pool == "corner":                           # the released code: bottom-right token
+            x = x[:, -1, -1]
+        else:
+            x = x[:, :, -1].mean(1)                                  # the class-token column
+        return self.head(x)                                          # (B, num_classes)
+
+    def param_groups(self, weight_decay):
+        """AdamW groups: decay only matrices and conv kernels; not norms, biases, positional tables,
+        RoPE-Mixed frequencies or the class token."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            positional = name.startswith(("ape.", "cls_token")) or ".pos." in name
+            (no_decay if p.dim() < 2 or positional else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_weights(module):
+    """Truncated-normal (std 0.02) linear and patch weights with zero biases, as in ViT/DeiT: small enough
+    that the unscaled cross-axis products start tame, and the usual choice for the baselines."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def count_flops(config, height, width=None):
+    """Forward FLOPs for one image (2 per multiply-add), counted by torch.utils.flop_counter on the meta
+    device: matmuls, convolutions and attention kernels; element-wise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = CAT(config)
+        images = torch.empty(1, 3, height, width or height)
+    with FlopCounterMode(display=False) as counter:
+        model(images)
+    return counter.get_total_flops()
+
+
+def config_from_dict(values):
+    """A CATConfig from a plain dict (e.g. a checkpoint's), refusing unknown fields by name."""
+    known = {f.name for f in fields(CATConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown CATConfig fields: {', '.join(unknown)}")
+    return CATConfig(**values)

@@ -1,0 +1,185 @@
+"""Positional schemes for transformers on a 2D patch grid (SPEC section 3). Needs only torch.
+
+Rotary schemes turn q and k of shape (B, heads, H, W, c) by position-dependent angles, so that q.k
+depends only on the offset between two tokens:
+  cat      the CAT paper's 2D rotary: coordinates scaled to [-pi, pi], sinusoidal frequency bands per head
+  axial    RoPE-Axial (Heo et al. 2024): integer coordinates, x on half the pairs and y on the other half
+  mixed    RoPE-Mixed (Heo et al. 2024): learned frequencies, each pair turns by fx*x + fy*y
+  cat_ref  the released CAT code, reproduced bugs included: not a rotation but an absolute modulation
+Absolute: `ape`, a learned table for the training grid, resized bicubically for other grids.
+Combinations: `ape+cat`, `ape+axial`, `ape+mixed`; and `none`.
+
+Everything here is computed in fp32, also under autocast, and at any grid size.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROTARY = ("cat", "cat_ref", "axial", "mixed")
+SCHEMES = ("none", "ape", *ROTARY, "ape+cat", "ape+axial", "ape+mixed")
+
+
+def split_scheme(pos):
+    """'ape+axial' -> (True, 'axial'); 'cat' -> (False, 'cat'); 'ape' -> (True, None); 'none' -> (False, None)."""
+    if pos not in SCHEMES:
+        raise ValueError(f"pos must be one of {SCHEMES}, got {pos!r}")
+    ape = pos.startswith("ape")
+    rotary = pos.removeprefix("ape").removeprefix("+") or None
+    return ape, None if rotary == "none" else rotary
+
+
+# ----------------------------------------------------------------------------------------------
+# Angles. Each returns fp32 angles shaped (heads or 1, H, W, pairs).
+
+def cat_coords(H, W, device=None):
+    """Row and column coordinates of the `cat` scheme: (H,) and (W,).
+
+    The longer side spans [-pi, pi]; the shorter one +-pi*short/long, which keeps the aspect ratio.
+    Height runs from +pi down to -pi and width from -pi up to +pi, as in the released code.
+    """
+    longer = max(H, W)
+
+    def span(n):
+        half = math.pi * n / longer
+        return torch.linspace(-half, half, n, device=device) if n > 1 else torch.zeros(1, device=device)
+
+    return -span(H), span(W)
+
+
+def cat_angles(H, W, dim, heads, device=None):
+    """Angles of the paper's 2D rotary (`cat`): (heads, H, W, d/2).
+
+    Frequencies f_m = 10000**(-4m/dim), m < dim/4, decay over the hidden size (paper Sec. 2.2); head n
+    takes the n-th contiguous band, so head 0 sees the finest scale. Inside a head, rotation pair 2m
+    turns by the height angle y*f and pair 2m+1 by the width angle x*f.
+    """
+    d = dim // heads
+    y, x = cat_coords(H, W, device)
+    freqs = 10000.0 ** (-4 * torch.arange(dim // 4, device=device) / dim)
+    freqs = freqs.view(heads, 1, 1, d // 4)                       # (h, 1, 1, d/4) bands
+    height = y.view(1, H, 1, 1) * freqs                            # (h, H, 1, d/4)
+    width = x.view(1, 1, W, 1) * freqs                             # (h, 1, W, d/4)
+    return torch.stack(torch.broadcast_tensors(height, width), -1).flatten(-2)  # (h, H, W, d/2)
+
+
+def axial_angles(H, W, head_dim, theta=100.0, device=None):
+    """RoPE-Axial angles: (1, H, W, d/2). Pairs [0, d/4) turn by x*t_m, pairs [d/4, d/2) by y*t_m,
+    with t_m = theta**(-4m/d) on integer coordinates; the same for every head and layer."""
+    freqs = theta ** (-4 * torch.arange(head_dim // 4, device=device) / head_dim)
+    x = torch.arange(W, device=device).view(1, W, 1) * freqs       # (1, W, d/4)
+    y = torch.arange(H, device=device).view(H, 1, 1) * freqs       # (H, 1, d/4)
+    return torch.cat(torch.broadcast_tensors(x, y), -1).unsqueeze(0)  # (1, H, W, d/2)
+
+
+class MixedFrequencies(nn.Module):
+    """RoPE-Mixed: learned frequencies (fx, fy) per head and rotation pair; pair c turns by fx_c*x + fy_c*y.
+
+    Init (Heo et al. 2024): magnitudes theta**(-4m/d), m < d/4; a random direction phi per head for the
+    first d/4 pairs and phi + pi/2 for the next d/4. Kept out of weight decay by the training script.
+    """
+
+    def __init__(self, heads, head_dim, theta=10.0):
+        super().__init__()
+        magnitude = theta ** (-4 * torch.arange(head_dim // 4) / head_dim)   # (d/4,)
+        phi = torch.rand(heads, 1) * 2 * math.pi                              # (h, 1)
+        direction = torch.cat([phi, phi + math.pi / 2], -1).repeat_interleave(head_dim // 4, -1)  # (h, d/2)
+        magnitude = magnitude.repeat(2)                                       # (d/2,)
+        self.freqs = nn.Parameter(torch.stack([magnitude * direction.cos(), magnitude * direction.sin()]))
+
+    def forward(self, H, W):
+        fx, fy = self.freqs.float()[:, :, None, None, :]                    # (h, 1, 1, d/2) each
+        x = torch.arange(W, device=fx.device).view(W, 1)
+        y = torch.arange(H, device=fx.device).view(H, 1, 1)
+        return fx * x + fy * y                                               # (h, H, W, d/2)
+
+
+def cat_ref_scale(H, W, head_dim, device=None):
+    """The released code's "rotation", reproduced: a per-channel factor (1, H, W, d).
+
+    Three slips make it differ from `cat` (SPEC 3): (a) operator precedence floor-divides the frequency
+    exponent to 0, so every frequency is 1; (b) even channels take the width angle, odd channels the height
+    angle; (c) channel c is multiplied by cos(t_c) - sin(t_c) in the first half of the head and by
+    cos(t_c) + sin(t_c) in the second half: an absolute modulation, not a rotation of channel pairs.
+    """
+    y, x = cat_coords(H, W, device)
+    theta = torch.stack(torch.broadcast_tensors(x.view(1, W), y.view(H, 1)), -1)   # (H, W, 2): width, height
+    theta = theta.repeat(1, 1, head_dim // 2)                                       # (H, W, d)
+    sign = torch.ones(head_dim, device=device)
+    sign[: head_dim // 2] = -1
+    return (theta.cos() + sign * theta.sin()).unsqueeze(0)                          # (1, H, W, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying them.
+
+def rotate(x, angles, interleaved):
+    """Turn channel pairs of x (..., c) by angles (..., c/2), in fp32.
+
+    interleaved=False pairs channel i with i + c/2 ("rotate half", `cat`); True pairs 2i with 2i+1
+    (complex numbers, RoPE-ViT's `axial` and `mixed`).
+    """
+    cos, sin = angles.cos(), angles.sin()
+    xf = x.float()
+    if interleaved:
+        a, b = xf[..., 0::2], xf[..., 1::2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).type_as(x)
+    a, b = xf.chunk(2, -1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], -1).type_as(x)
+
+
+def fit_channels(table, channels, cls_column, pad_value):
+    """Adapt a per-position table (..., H, W, n) to the tensor it is applied to: repeat it cyclically along
+    the last dim to `channels` (Performer features outnumber head channels), and add the class-token column,
+    which gets `pad_value` (no rotation / unit scale)."""
+    if table.shape[-1] != channels:
+        table = table.repeat(*[1] * (table.dim() - 1), -(-channels // table.shape[-1]))[..., :channels]
+    if cls_column:
+        table = F.pad(table, (0, 0, 0, 1), value=pad_value)
+    return table
+
+
+class RotaryPosition(nn.Module):
+    """The positional transform of q and k in one attention layer, for any grid size.
+
+    forward(x (B, h, H, W', c), cls_column) -> same shape. With cls_column the last column holds the class
+    token, which is left as it is. c is the head dim, or the Performer's feature count.
+    """
+
+    def __init__(self, scheme, dim, heads):
+        super().__init__()
+        if scheme not in ROTARY:
+            raise ValueError(f"rotary scheme must be one of {ROTARY}, got {scheme!r}")
+        self.scheme, self.dim, self.heads, self.head_dim = scheme, dim, heads, dim // heads
+        self.mixed = MixedFrequencies(heads, self.head_dim) if scheme == "mixed" else None
+
+    def angles(self, H, W, device):
+        if self.scheme == "cat":
+            return cat_angles(H, W, self.dim, self.heads, device)
+        if self.scheme == "axial":
+            return axial_angles(H, W, self.head_dim, device=device)
+        return self.mixed(H, W)
+
+    def forward(self, x, cls_column=False):
+        H, W = x.shape[-3], x.shape[-2] - cls_column
+        if self.scheme == "cat_ref":
+            scale = fit_channels(cat_ref_scale(H, W, self.head_dim, x.device), x.shape[-1], cls_column, 1.0)
+            return (x.float() * scale).type_as(x)
+        angles = fit_channels(self.angles(H, W, x.device), x.shape[-1] // 2, cls_column, 0.0)
+        return rotate(x, angles, interleaved=self.scheme != "cat")
+
+
+class AbsolutePosition(nn.Module):
+    """Learned absolute embedding (`ape`) for the training grid; resized bicubically for other grids."""
+
+    def __init__(self, dim, grid):
+        super().__init__()
+        self.table = nn.Parameter(torch.empty(1, dim, *grid))     # (1, D, H0, W0)
+        nn.init.trunc_normal_(self.table, std=0.02)
+
+    def forward(self, x):                                          # x: (B, H, W, D)
+        table = self.table.float()
+        if tuple(x.shape[1:3]) != tuple(table.shape[-2:]):
+            table = F.interpolate(table, size=x.shape[1:3], mode="bicubic", align_corners=False)
+        return x + table.permute(0, 2, 3, 1).type_as(x)

@@ -1,0 +1,115 @@
+"""eval.py on a checkpoint trained here, its refusals, and bench.py's smoke mode."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+import eval as evaluate_script
+import train
+
+REPO = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(["--dim", "32", "--depth", "2", "--heads", "2", "--res", "32", "--shapes-size", "256",
+                       "--batch-size", "32", "--workers", "0", "--max-steps", "8", "--ema", "0.5",
+                       "--pos", "ape+axial", "--out-dir", str(out)]) == 0
+    return str(out / "ckpt.pt")
+
+
+def test_eval_at_two_resolutions(checkpoint, tmp_path, capsys):
+    rows = evaluate_script.main(["--ckpt", checkpoint, "--res", "32", "48", "--json", str(tmp_path / "r.json"),
+                                 "--workers", "0"])
+    assert [r["res"] for r in rows] == [32, 48]
+    for r in rows:
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and r["images"] == 2000 and r["loss"] > 0
+        assert r["images_per_s"] > 0 and r["params_m"] > 0
+    assert rows[1]["gflops"] > rows[0]["gflops"]
+    # the training run's own final evaluation (EMA weights, 32 px) is what eval.py reports at 32 px
+    state = train.load_checkpoint(checkpoint)
+    assert rows[0]["top1"] == pytest.approx(state["metrics"]["ema_val_top1"])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["weights"] == "EMA" and [r["res"] for r in saved["rows"]] == [32, 48]
+    table = capsys.readouterr().out
+    assert "top-1" in table and "GFLOPs" in table
+
+
+def test_eval_model_weights_and_form_override(checkpoint):
+    raw = evaluate_script.main(["--ckpt", checkpoint, "--no-ema", "--workers", "0"])[0]
+    state = train.load_checkpoint(checkpoint)
+    assert raw["top1"] == pytest.approx(state["metrics"]["val_top1"])
+    linear = evaluate_script.main(["--ckpt", checkpoint, "--no-ema", "--form", "linear", "--workers", "0"])[0]
+    assert linear["top1"] == pytest.approx(raw["top1"]) and linear["loss"] == pytest.approx(raw["loss"], rel=1e-4)
+
+
+def test_eval_under_torchrun_matches_one_process(checkpoint):
+    one = evaluate_script.main(["--ckpt", checkpoint, "--workers", "0"])[0]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "eval.py", "--ckpt", checkpoint, "--workers", "0", "--json", "/dev/stdout"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = json.loads(result.stdout[result.stdout.index("{"):])["rows"][0]
+    assert two["images"] == one["images"] and two["top1"] == pytest.approx(one["top1"])
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--res", "36"], "--res 36 not divisible by the patch size 8"),
+    (["--model", "vit-tiny"], "weights do not fit the model"),
+    (["--dim", "64"], "weights do not fit the model"),
+])
+def test_eval_bad_requests_fail_clearly(checkpoint, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_script.main(["--ckpt", checkpoint, "--workers", "0", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_eval_refuses_a_malicious_checkpoint_without_running_it(tmp_path, capsys):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": train.CHECKPOINT_FORMAT, "config": {}, "model": RunsCode()}, path)
+    with pytest.raises(SystemExit):
+        evaluate_script.main(["--ckpt", str(path)])
+    assert not marker.exists()
+    assert "evil.pt: refused" in capsys.readouterr().err
+
+
+def test_eval_truncated_checkpoint_and_missing_default(checkpoint, tmp_path, capsys, monkeypatch):
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(Path(checkpoint).read_bytes()[:5000])
+    with pytest.raises(SystemExit):
+        evaluate_script.main(["--ckpt", str(truncated)])
+    assert "cut.pt: unreadable or truncated" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)                          # no runs/ here: the default run has not happened
+    with pytest.raises(SystemExit):
+        evaluate_script.main([])
+    assert "train it first with `python train.py`" in capsys.readouterr().err
+
+
+def test_bench_smoke(tmp_path):
+    result = bench.main(["--smoke", "--json", str(tmp_path / "bench.json")])
+    models = {r["model"] for r in result["rows"]}
+    assert models == {"cat-tiny", "vit-tiny", "performer-tiny"}
+    assert all(r["train_images_per_s"] > 0 and r["activation_mib"] > 0 for r in result["rows"])
+    assert [r["res"] for r in result["ratios"]] == [32, 64]
+    assert set(result["exponents"]) == models
+    assert {r["width"] for r in result["crossover"]} == {4, 8, 16}
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"]
+
+
+def test_bench_refuses_a_resolution_off_the_patch_grid():
+    with pytest.raises(SystemExit):
+        bench.main(["--res", "100"])

@@ -1,0 +1,357 @@
+"""Model behaviour (SPEC 2-4): shapes, exact equalities, positional properties, configs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import rope2d
+from model import (CAT, CHOICES, PRESETS, CATConfig, CrossAxisAttention, PerformerAttention, config_from_dict,
+                   count_flops, cross_axis_attention, imprint_alpha)
+
+
+def small(**overrides):
+    """A model small enough to run dozens of times in a test: 32 px, patch 8, 4 x 4 grid, head dim 16."""
+    base = dict(img_size=32, patch=8, dim=32, depth=2, heads=2, num_classes=5, performer_features=24)
+    return CATConfig(**{**base, **overrides})
+
+
+def shuffle_rows(images, patch, order):
+    """Permute whole patch rows of a batch of images."""
+    B, C, R, W = images.shape
+    return images.view(B, C, R // patch, patch, W)[:, :, order].reshape(B, C, R, W)
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("attn", CHOICES["attn"])
+@pytest.mark.parametrize("pos", CHOICES["pos"])
+def test_output_shape_every_attention_and_position(attn, pos):
+    torch.manual_seed(0)
+    model = CAT(small(attn=attn, pos=pos))
+    for size in [(32, 32), (48, 48), (32, 56)]:        # training grid, a larger one, a non-square one
+        logits = model(torch.randn(2, 3, *size))
+        assert logits.shape == (2, 5)
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("attn", CHOICES["attn"])
+@pytest.mark.parametrize("pool", CHOICES["pool"])
+def test_every_pooling(attn, pool):
+    model = CAT(small(attn=attn, pool=pool))
+    assert model(torch.randn(2, 3, 40, 24)).shape == (2, 5)
+
+
+def test_images_not_divisible_by_patch_fail_clearly():
+    model = CAT(small())
+    with pytest.raises(ValueError, match="not divisible by the patch size 8"):
+        model(torch.randn(1, 3, 36, 32))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(3, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------------- cross-axis
+
+def test_quadratic_and_linear_forms_agree():
+    torch.manual_seed(0)
+    for H, W, d in [(5, 7, 8), (6, 3, 16), (4, 20, 4)]:
+        q, k, v = (torch.randn(2, 3, H, W, d) for _ in range(3))
+        quadratic = cross_axis_attention(q, k, v, "quadratic")
+        linear = cross_axis_attention(q, k, v, "linear")
+        torch.testing.assert_close(linear, quadratic, rtol=1e-4, atol=1e-4 * quadratic.abs().max().item())
+
+
+def test_quadratic_form_is_the_spec_formula():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 4, 5, dtype=torch.float64) for _ in range(3))
+    scores = torch.einsum("bhijc,bhikc->bhijk", q, k)            # S[i, j, j'] within row i
+    vbar = v.sum(2)                                               # Vbar[j'] summed over rows
+    expected = torch.einsum("bhijk,bhkc->bhijc", scores, vbar)
+    torch.testing.assert_close(cross_axis_attention(q, k, v, "quadratic"), expected)
+
+
+def counted_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("W,d", [(4, 32), (32, 4), (16, 16)])
+def test_auto_picks_the_cheaper_form(W, d):
+    q, k, v = (torch.randn(1, 1, 6, W, d) for _ in range(3))
+    costs = {form: counted_flops(lambda: cross_axis_attention(q, k, v, form)) for form in CHOICES["form"]}
+    assert costs["auto"] == min(costs["quadratic"], costs["linear"])
+
+
+def test_bad_form_and_mid_norm_with_linear_fail():
+    q = torch.randn(1, 1, 2, 2, 4)
+    with pytest.raises(ValueError, match="form"):
+        cross_axis_attention(q, q, q, "cubic")
+    with pytest.raises(ValueError, match="mid_norm"):
+        cross_axis_attention(q, q, q, "linear", mid_norm=True)
+    with pytest.raises(ValueError, match="mid_norm"):
+        small(mid_norm=True, form="linear")
+
+
+def test_mid_norm_changes_the_output():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 4, 8) for _ in range(3))
+    assert not torch.allclose(cross_axis_attention(q, k, v, mid_norm=True), cross_axis_attention(q, k, v))
+
+
+def test_group_norm_cancels_gamma():
+    torch.manual_seed(0)
+    attention = CrossAxisAttention(small(pos="cat"), layer=0)
+    assert torch.allclose(attention.gamma.flatten(), 1 - 2.0 ** (-5 - torch.arange(2.0)))
+    x = torch.randn(2, 4, 4, 32)
+    with_gamma = attention(x)
+    attention.gamma.fill_(1.0)
+    without_gamma = attention(x)
+    torch.testing.assert_close(with_gamma, without_gamma, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- SPEC 2.1
+
+@pytest.mark.parametrize("pos", ["cat", "axial", "mixed", "none"])
+def test_row_axis_with_true_rotary_cannot_tell_rows_apart(pos):
+    """The paper's formulation with a true rotation is equivariant to permuting patch rows (SPEC 2.1)."""
+    torch.manual_seed(0)
+    model = CAT(small(pos=pos, axis="row", imprint="none", depth=3)).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(images)
+        for order in [torch.tensor([2, 0, 3, 1]), torch.tensor([3, 2, 1, 0])]:   # a shuffle, a vertical flip
+            torch.testing.assert_close(model(shuffle_rows(images, 8, order)), logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos,axis", [("cat", "alternate"), ("axial", "alternate"), ("mixed", "alternate"),
+                                      ("cat_ref", "row")])
+def test_alternate_axis_or_modulation_sees_rows(pos, axis):
+    torch.manual_seed(0)
+    model = CAT(small(pos=pos, axis=axis, imprint="none", depth=3)).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        change = (model(shuffle_rows(images, 8, torch.tensor([3, 2, 1, 0]))) - model(images)).abs().max()
+    assert change > 1e-3
+
+
+def test_recommended_presets_see_both_axes():
+    for name in ["cat-paper", "cat-tiny"]:
+        config = PRESETS[name]
+        assert config.axis == "alternate" and config.pos == "cat"
+
+
+# ---------------------------------------------------------------------------------------------- positions
+
+def rotated_score(rotary, q, k, p, r, grid):
+    """<R(p) q, R(r) k> for one query at grid position p and one key at position r."""
+    H, W = grid
+    qs = rotary(q.view(1, -1, 1, 1, q.shape[-1]).expand(1, -1, H, W, -1))
+    ks = rotary(k.view(1, -1, 1, 1, k.shape[-1]).expand(1, -1, H, W, -1))
+    return (qs[0, :, p[0], p[1]] * ks[0, :, r[0], r[1]]).sum(-1)   # one score per head
+
+
+@pytest.mark.parametrize("scheme", ["cat", "axial", "mixed"])
+def test_true_rotations_are_relative(scheme):
+    torch.manual_seed(0)
+    rotary = rope2d.RotaryPosition(scheme, dim=64, heads=4)
+    q, k = torch.randn(4, 16), torch.randn(4, 16)
+    grid = (7, 7)
+    base = rotated_score(rotary, q, k, (1, 2), (3, 0), grid)
+    for shift in [(1, 1), (3, 4), (-1, 2)]:
+        moved = rotated_score(rotary, q, k, (1 + shift[0], 2 + shift[1]), (3 + shift[0], shift[1]), grid)
+        torch.testing.assert_close(moved, base, rtol=1e-5, atol=1e-5)   # fp32 angles
+    # and the score does depend on the offset
+    assert not torch.allclose(rotated_score(rotary, q, k, (1, 2), (1, 5), grid), base)
+
+
+@pytest.mark.parametrize("scheme", ["cat", "axial", "mixed"])
+def test_rotations_keep_norms(scheme):
+    x = torch.randn(2, 4, 5, 6, 16)
+    rotated = rope2d.RotaryPosition(scheme, dim=64, heads=4)(x)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_cat_ref_matches_hand_computed_modulation():
+    """Released code: frequencies 1, even channels width / odd height, cos -/+ sin (SPEC 3, cat_ref)."""
+    rotary = rope2d.RotaryPosition("cat_ref", dim=8, heads=2)         # head dim 4
+    out = rotary(torch.ones(1, 2, 2, 4, 4))                            # a 2 x 4 grid
+    # width spans [-pi, pi] over 4 columns: -pi, -pi/3, pi/3, pi; height spans +-pi*2/4: pi/2, -pi/2.
+    c, s = 0.5, math.sqrt(3) / 2                                       # cos, sin of pi/3
+    expected_0_1 = [c + s, -1.0, c - s, 1.0]      # row 0 (y = pi/2), column 1 (x = -pi/3): x, y, x, y channels
+    expected_1_2 = [c - s, 1.0, c + s, -1.0]      # row 1 (y = -pi/2), column 2 (x = pi/3)
+    for head in range(2):                                              # every frequency is 1: heads alike
+        torch.testing.assert_close(out[0, head, 0, 1], torch.tensor(expected_0_1))
+        torch.testing.assert_close(out[0, head, 1, 2], torch.tensor(expected_1_2))
+
+
+def test_cat_frequency_bands_per_head():
+    angles = rope2d.cat_angles(3, 3, dim=32, heads=2)                  # (2, 3, 3, 8), 8 frequencies in all
+    freqs = 10000.0 ** (-4 * torch.arange(8) / 32)
+    y, x = rope2d.cat_coords(3, 3)
+    for head in range(2):
+        band = freqs[head * 4:(head + 1) * 4]
+        torch.testing.assert_close(angles[head, 2, 1, 0::2], y[2] * band)   # even pairs: height
+        torch.testing.assert_close(angles[head, 2, 1, 1::2], x[1] * band)   # odd pairs: width
+
+
+def test_cat_coords_keep_the_aspect_ratio():
+    y, x = rope2d.cat_coords(4, 8)
+    torch.testing.assert_close(x[[0, -1]], torch.tensor([-math.pi, math.pi]))
+    torch.testing.assert_close(y[[0, -1]], torch.tensor([math.pi / 2, -math.pi / 2]))   # height runs down
+
+
+def test_rotation_is_fp32_under_autocast():
+    rotary = rope2d.RotaryPosition("cat", dim=64, heads=4)
+    x = torch.randn(1, 4, 6, 6, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rotary(x)
+        angles = rotary.angles(6, 6, x.device)
+    assert angles.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, rope2d.rotate(x.float(), angles, False).bfloat16())
+
+
+def test_model_runs_under_bf16_autocast():
+    model = CAT(small(pos="ape+mixed"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(torch.randn(2, 3, 48, 32)).float()).all()
+
+
+def test_ape_is_resized_for_other_grids():
+    ape = rope2d.AbsolutePosition(8, (4, 4))
+    zeros = torch.zeros(1, 4, 4, 8)
+    torch.testing.assert_close(ape(zeros), ape.table.permute(0, 2, 3, 1))   # training grid: the table itself
+    assert ape(torch.zeros(1, 6, 5, 8)).shape == (1, 6, 5, 8)
+
+
+def test_split_scheme():
+    assert rope2d.split_scheme("ape+mixed") == (True, "mixed")
+    assert rope2d.split_scheme("cat") == (False, "cat")
+    assert rope2d.split_scheme("ape") == (True, None)
+    assert rope2d.split_scheme("none") == (False, None)
+    with pytest.raises(ValueError, match="pos must be one of"):
+        rope2d.split_scheme("sinusoidal")
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+def test_favor_approximates_softmax_attention():
+    torch.manual_seed(0)
+    attention = PerformerAttention(small(attn="performer", pos="none", performer_features=4096), layer=0)
+    q, k, v = (0.5 * torch.randn(1, 2, 4, 4, 16) for _ in range(3))
+    exact = F.scaled_dot_product_attention(*(t.flatten(2, 3) for t in (q, k, v))).view(1, 2, 4, 4, 16)
+    approx = attention.attend(torch.stack([q, k, v]), cls_column=False)
+    assert (approx - exact).norm() / exact.norm() < 0.1
+
+
+def test_performer_relu_kernel_is_linear_attention():
+    torch.manual_seed(0)
+    attention = PerformerAttention(small(attn="performer", performer_kernel="relu", pos="none"), layer=0)
+    q, k, v = (torch.randn(1, 2, 3, 3, 16) for _ in range(3))
+    fq, fk = F.relu(q.flatten(2, 3)) + 1e-3, F.relu(k.flatten(2, 3)) + 1e-3
+    weights = fq @ fk.transpose(-1, -2)
+    expected = (weights / weights.sum(-1, keepdim=True)) @ v.flatten(2, 3)
+    torch.testing.assert_close(attention.attend(torch.stack([q, k, v]), False), expected.view(1, 2, 3, 3, 16))
+
+
+# ---------------------------------------------------------------------------------------------- imprint
+
+def test_imprint_schedules():
+    depth = 5
+    alphas = {mode: [imprint_alpha(mode, layer, depth) for layer in range(depth)] for mode in CHOICES["imprint"]}
+    assert alphas["none"] == [0.0] * 5
+    assert alphas["constant"] == [1.0] * 5
+    for layer in range(depth):
+        t = math.tanh(math.pi * layer / depth)
+        assert alphas["tanh_decay"][layer] == pytest.approx(1 - t)
+        assert alphas["tanh_grow"][layer] == pytest.approx(t)
+    assert CAT(small(imprint="tanh_grow", depth=5)).alphas == pytest.approx(alphas["tanh_grow"])
+
+
+def test_imprint_reaches_the_attention():
+    torch.manual_seed(0)
+    model = CAT(small(imprint="constant"))
+    images = torch.randn(2, 3, 32, 32)
+    with_imprint = model(images)
+    model.alphas = [0.0] * len(model.alphas)
+    assert not torch.allclose(with_imprint, model(images))
+
+
+# ---------------------------------------------------------------------------------------------- presets, params
+
+def test_presets():
+    assert {"cat-paper", "cat-ref", "vit-paper", "cat-tiny", "vit-tiny", "performer-tiny"} <= set(PRESETS)
+    with torch.device("meta"):
+        params = CAT(PRESETS["cat-paper"]).num_params()
+    assert 30e6 <= params <= 36e6
+    ref = PRESETS["cat-ref"]
+    assert (ref.pos, ref.axis, ref.imprint, ref.pool) == ("cat_ref", "row", "tanh_decay", "corner")
+    vit = PRESETS["vit-paper"]
+    assert (vit.attn, vit.mlp_ratio, vit.pos) == ("softmax", 4.0, "ape")
+    assert (vit.dim, vit.depth, vit.heads, vit.patch) == (1024, 5, 8, 8)
+
+
+def test_flop_count_matches_the_ratio_in_the_spec():
+    ratio = count_flops(PRESETS["vit-paper"], 224) / count_flops(PRESETS["cat-paper"], 224)
+    assert 2.1 < ratio < 2.4                                           # SPEC 8: about 2.2x at 224
+
+
+@pytest.mark.parametrize("attn", CHOICES["attn"])
+def test_gradients_reach_every_parameter(attn):
+    torch.manual_seed(0)
+    model = CAT(small(attn=attn, pos="ape+mixed", pool="cls", depth=3))
+    model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    config = small(attn="performer", pos="mixed")
+    model, copy = CAT(config).eval(), CAT(config).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(model(images), copy(images))
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy(images), model(images), rtol=0, atol=0)
+
+
+def test_no_weight_decay_on_norms_biases_and_positions():
+    model = CAT(small(pos="ape+mixed", pool="cls"))
+    decay, no_decay = model.param_groups(0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "ape.table" in no_decay_names and "cls_token" in no_decay_names
+    assert "blocks.0.attn.pos.mixed.freqs" in no_decay_names and "blocks.0.norm1.weight" in no_decay_names
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
+
+
+# ---------------------------------------------------------------------------------------------- bad config
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(dim=30, heads=4), "heads"),
+    (dict(dim=24, heads=4, pos="cat"), "head dim"),
+    (dict(dim=24, heads=4, pos="ape+axial"), "head dim"),
+    (dict(img_size=30), "img_size"),
+    (dict(attn="linformer"), "attn"),
+    (dict(pos="sinusoidal"), "pos"),
+    (dict(imprint="sometimes"), "imprint"),
+    (dict(axis="diagonal"), "axis"),
+    (dict(pool="max"), "pool"),
+    (dict(depth=0), "depth"),
+    (dict(dim=-8), "dim"),
+    (dict(drop_path=1.5), "drop_path"),
+])
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        small(**overrides)
+
+
+def test_head_dim_of_six_is_fine_without_rotary():
+    CAT(small(dim=24, heads=4, pos="ape"))
+
+
+def test_config_from_dict_refuses_unknown_fields():
+    assert config_from_dict({"dim": 64, "heads": 4}).dim == 64
+    with pytest.raises(ValueError, match="unknown CATConfig fields: colour"):
+        config_from_dict({"colour": "red"})

@@ -1,0 +1,294 @@
+"""Training behaviour (SPEC 6): it learns, resumes exactly, runs under DDP, and fails clearly and safely."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train
+
+REPO = Path(__file__).parent
+# A model and data small enough for a CPU test: 32 px, 4 x 4 grid, D 32; a 512-image shapes set.
+TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--res", "32", "--shapes-size", "512",
+        "--batch-size", "16", "--workers", "0", "--log-every", "1"]
+# Randomness everywhere it can hide: dropout, drop-path, MixUp/CutMix, EMA, accumulation, a loader worker.
+NOISY = ["--dropout", "0.1", "--drop-path", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9",
+         "--accum", "2", "--workers", "1"]
+
+
+def records(out_dir):
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out_dir):
+    return [(r["step"], r["loss"], r["lr"]) for r in records(out_dir) if "loss" in r]
+
+
+def interrupt_at_forward(monkeypatch, call):
+    """Send this process a real SIGTERM from inside the `call`-th model forward on real images (the FLOP count's
+    forward on the meta device does not count)."""
+    calls = {"n": 0}
+    forward = train.CAT.forward
+
+    def counting_forward(self, images):
+        calls["n"] += images.device.type != "meta"
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, images)
+
+    monkeypatch.setattr(train.CAT, "forward", counting_forward)
+
+
+def run_script(args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(args, **kwargs):
+    return run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args],
+                      **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+def test_tiny_run_learns(tmp_path):
+    assert train.main([*TINY, "--shapes-size", "2048", "--batch-size", "32", "--max-steps", "300", "--epochs", "10",
+                       "--lr", "3e-3", "--out-dir", str(tmp_path), "--eval-every", "1000", "--save-every", "1000"]) == 0
+    losses = [loss for _, loss, _ in step_losses(tmp_path)]
+    assert len(losses) == 300
+    first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
+    assert last < first - 0.3, (first, last)
+    final = records(tmp_path)[-1]
+    assert final["val_top1"] > 40          # chance is 12.5%; this run reaches ~57%
+    state = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert state["step"] == 300 and state["metrics"]["val_top1"] == final["val_top1"]
+
+
+def test_metrics_log_has_speed_lr_and_mfu(tmp_path):
+    train.main([*TINY, "--max-steps", "3", "--peak-tflops", "1", "--out-dir", str(tmp_path)])
+    start, *steps, final = records(tmp_path)
+    assert start["event"] == "start" and start["params"] > 0 and start["flops_per_image"] > 0
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["images_per_s"] > 0 and 0 < r["mfu"] < 1 and r["lr"] >= 0 and r["skipped_images"] == 0
+    assert {"val_top1", "val_top5", "val_loss"} <= set(final)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """Interrupted by SIGTERM mid-epoch, then resumed: the same losses, learning rates and weights as a run
+    that was never interrupted, with every source of randomness switched on."""
+    common = [*TINY, *NOISY, "--max-steps", "20", "--epochs", "3", "--eval-every", "1000"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert train.main([*common, "--out-dir", str(straight)]) == 0
+    # 512 images / (16 x 2) = 16 steps an epoch; stop inside step 11, in the first epoch's... second epoch.
+    interrupt_at_forward(monkeypatch, call=2 * 10 + 1)
+    assert train.main([*common, "--out-dir", str(broken)]) == 0
+    assert train.load_checkpoint(str(broken / "ckpt.pt"))["step"] == 11
+    monkeypatch.undo()
+    assert train.main([*common, "--out-dir", str(broken), "--resume"]) == 0
+
+    assert step_losses(broken) == step_losses(straight)
+    assert len(step_losses(straight)) == 20
+    a, b = train.load_checkpoint(str(straight / "ckpt.pt")), train.load_checkpoint(str(broken / "ckpt.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
+    assert a["metrics"]["val_top1"] == b["metrics"]["val_top1"]
+
+
+def test_sigint_saves_and_exits_cleanly(tmp_path):
+    """A real Ctrl-C to a running training process: it saves a resumable checkpoint and exits 0 in seconds."""
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--max-steps", "100000", "--epochs", "1000",
+                             "--save-every", "100000", "--eval-every", "100000", "--out-dir", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"loss"') >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert time.time() - sent < 10
+    assert "stopped by signal" in output
+    state = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert state["step"] >= 3
+    assert train.main([*TINY, "--max-steps", str(state["step"] + 2), "--epochs", "1000", "--resume",
+                       "--out-dir", str(tmp_path)]) == 0
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == state["step"] + 2
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+def test_ddp_two_processes_resume_exactly_and_refuse_another_world_size(tmp_path):
+    """gloo on CPU: 2 processes train; SIGTERM to torchrun stops both at the same step with one checkpoint;
+    resuming gives the uninterrupted run's losses; a single process refuses that checkpoint."""
+    common = [*TINY, "--max-steps", "40", "--epochs", "10", "--eval-every", "1000", "--dropout", "0.1"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    result = torchrun([*common, "--out-dir", str(straight)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert train.load_checkpoint(str(straight / "ckpt.pt"))["world_size"] == 2
+
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *common, "--out-dir", str(broken)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = broken / "metrics.jsonl"
+    while proc.poll() is None and not (log.exists() and log.read_text().count('"loss"') >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)                  # torchrun passes it on to both workers
+    proc.wait(timeout=60)
+    stopped_at = train.load_checkpoint(str(broken / "ckpt.pt"))["step"]
+    assert 3 <= stopped_at < 40, "the run ended before the signal: make it longer"
+    result = torchrun([*common, "--out-dir", str(broken), "--resume"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert step_losses(broken) == step_losses(straight)
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*common, "--out-dir", str(straight), "--resume"])
+    assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------- numerical faults
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    args = [*TINY, "--max-steps", "10", "--save-every", "2", "--eval-every", "1000", "--out-dir", str(tmp_path)]
+    forward, calls = train.CAT.forward, {"n": 0}
+
+    def poisoned_forward(self, images):
+        calls["n"] += images.device.type != "meta"
+        logits = forward(self, images)
+        return logits * float("nan") if calls["n"] == 5 else logits   # step 5 (call 0: the FLOP count)
+
+    monkeypatch.setattr(train.CAT, "forward", poisoned_forward)
+    assert train.main(args) == 1
+    message = capsys.readouterr().err
+    assert "loss is nan at step 5" in message and "ckpt.pt" in message
+    state = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_write_survives_kill_9(tmp_path):
+    """kill -9 in the middle of a checkpoint write leaves the previous checkpoint whole."""
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint({"format": train.CHECKPOINT_FORMAT, "step": 1, "w": torch.ones(10)}, str(path))
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import torch, train
+state = {{"format": train.CHECKPOINT_FORMAT, "step": 2, "w": torch.ones(300_000_000 // 4)}}
+while True:
+    train.save_checkpoint(state, {str(path)!r})
+"""], cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob("ckpt.pt.tmp-*")):
+        time.sleep(0.01)
+    assert list(tmp_path.glob("ckpt.pt.tmp-*")), "the writer never started writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    state = train.load_checkpoint(str(path))           # either the old or a complete new one
+    assert state["step"] in (1, 2) and state["w"].numel() in (10, 300_000_000 // 4)
+
+
+class RunsCode:
+    """Unpickling this would create a file: a checkpoint must never get that far."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "model": RunsCode(marker)}, path)
+    with pytest.raises(train.CheckpointError, match="evil.pt: refused"):
+        train.load_checkpoint(str(path))
+    assert not marker.exists()
+    with open(path, "wb") as f:                          # a bare pickle, not even a torch file
+        pickle.dump(RunsCode(marker), f)
+    with pytest.raises(train.CheckpointError, match="evil.pt"):
+        train.load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_truncated_foreign_and_missing_checkpoints_fail_clearly(tmp_path):
+    good = tmp_path / "good.pt"
+    train.save_checkpoint({"format": train.CHECKPOINT_FORMAT, "w": torch.randn(1000)}, str(good))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(train.CheckpointError, match="truncated.pt: unreadable or truncated"):
+        train.load_checkpoint(str(truncated))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(5000))
+    with pytest.raises(train.CheckpointError, match="garbage.pt: (unreadable|refused)"):
+        train.load_checkpoint(str(garbage))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, foreign)
+    with pytest.raises(train.CheckpointError, match="foreign.pt: not a CAT checkpoint"):
+        train.load_checkpoint(str(foreign))
+    with pytest.raises(train.CheckpointError, match="missing.pt: no such checkpoint"):
+        train.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "resnet"], "invalid choice: 'resnet'"),
+    (["--pos", "sinusoidal"], "invalid choice: 'sinusoidal'"),
+    (["--res", "30"], "img_size (30) must be divisible by patch (8)"),
+    (["--batch-size", "0"], "must be a positive integer"),
+    (["--dim", "-64"], "must be a positive integer"),
+    (["--dim", "30", "--heads", "4"], "dim (30) must be divisible by heads (4)"),
+    (["--lr", "-1"], "must be >= 0"),
+    (["--shapes-size", "20", "--batch-size", "16", "--accum", "2"], "more than the 20 training images"),
+    (["--data", "imagefolder", "--data-dir", "/nonexistent/imagenet"], "/nonexistent/imagenet does not exist"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unwritable_out_dir_fails_at_start(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match="is not writable"):
+        train.main([*TINY, "--max-steps", "1", "--out-dir", str(blocker / "run")])
+
+
+def test_full_disk_fails_at_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: SimpleNamespace(free=1024))
+    with pytest.raises(SystemExit, match="MiB free; a checkpoint needs about"):
+        train.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path)])
+
+
+def test_strict_images_stops_with_one_line(tmp_path, capsys):
+    from PIL import Image
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(20):
+                Image.new("RGB", (32, 32), (i * 10, 0, 0)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    common = [*TINY, "--data", "imagefolder", "--data-dir", str(tmp_path / "data"), "--max-steps", "20",
+              "--epochs", "10", "--out-dir", str(tmp_path / "run")]
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert train.main(common) == 0                  # skipped and counted
+    assert sum(r.get("skipped_images", 0) for r in records(tmp_path / "run")) >= 1
+    assert train.main([*common, "--strict-images", "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "Traceback" not in err

@@ -1,0 +1,549 @@
+"""Train CAT (or a baseline) on one machine or many.
+
+    python train.py                              # cat-tiny on the built-in shapes data, CPU or GPU
+    torchrun --nproc_per_node=2 train.py         # the same, data-parallel (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node=8 train.py --model cat-paper --data imagefolder --data-dir /data/imagenet
+
+Everything a run needs to continue lives in OUT_DIR/ckpt.pt (model, optimizer, scheduler, EMA, data position,
+RNG); `--resume` picks it up exactly. Metrics go to OUT_DIR/metrics.jsonl. SIGINT/SIGTERM save and exit.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import data
+from model import CAT, CHOICES, PRESETS, CATConfig, config_from_dict, count_flops
+
+CHECKPOINT_FORMAT = "cat-checkpoint-v1"
+# bf16 dense peak (FLOP/s) for the MFU column; other devices: pass --peak-tflops.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "3090": 71e12}
+
+MODEL_HELP = {
+    "patch": "patch size in pixels",
+    "dim": "model width D",
+    "depth": "number of blocks",
+    "heads": "attention heads",
+    "mlp_ratio": "FFN hidden size / D (CAT paper: 1, ViT: 4)",
+    "attn": "attention family",
+    "axis": "cross-axis scores within rows only (row, the paper) or rows and columns in turn (alternate)",
+    "form": "cross-axis product order (auto picks the cheaper)",
+    "mid_norm": "ablation: normalise the scores between the two cross-axis products",
+    "performer_kernel": "Performer feature map",
+    "performer_features": "FAVOR+ random features per head",
+    "pos": "positional scheme",
+    "imprint": "residual imprint schedule (paper Table 4)",
+    "pool": "how the grid becomes one vector",
+    "dropout": "dropout after attention and FFN",
+    "drop_path": "stochastic depth rate of the last block (linear in depth)",
+}
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_model_flags(parser):
+    """--model PRESET plus one flag per CATConfig field, which overrides the preset."""
+    parser.add_argument("--model", default="cat-tiny", choices=sorted(PRESETS), help="preset (default cat-tiny)")
+    group = parser.add_argument_group("model options (default: the preset's value)")
+    for f in fields(CATConfig):
+        if f.name not in MODEL_HELP:                         # img_size is --res; num_classes comes from the data
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=MODEL_HELP[f.name])
+        else:
+            kind = positive_int if isinstance(f.default, int) else non_negative_float if isinstance(f.default, float) else str
+            group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=MODEL_HELP[f.name])
+
+
+def model_config(args, parser, num_classes):
+    """The preset with the command line's overrides, the resolution and the data's class count."""
+    overrides = {name: getattr(args, name) for name in MODEL_HELP if getattr(args, name) is not None}
+    preset = PRESETS[args.model]
+    try:
+        return replace(preset, img_size=args.res or preset.img_size, num_classes=num_classes, **overrides)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="shapes", choices=data.DATASETS, help="dataset (default: the built-in shapes)")
+    g.add_argument("--data-dir", default="data", help="dataset root (cifar: torchvision's folder; imagefolder: "
+                   "ROOT/train/CLASS/*, ROOT/val/CLASS/*)")
+    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-dir")
+    g.add_argument("--strict-images", action="store_true", help="stop at an unreadable image instead of skipping it")
+    g.add_argument("--shapes-size", type=positive_int, default=20000, help="training images of the shapes data")
+    g.add_argument("--res", type=positive_int, default=None, help="training resolution (default: the preset's)")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process "
+                   "(default: 4 on CUDA, 1 on CPU)")
+    g.add_argument("--crop-scale", type=non_negative_float, default=0.35,
+                   help="RandomResizedCrop min scale; 1 disables (never used for shapes)")
+    g.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for shapes)")
+    g.add_argument("--auto-augment", default="none", choices=("none", "randaug", "trivial"))
+    g.add_argument("--erase", type=non_negative_float, default=0.0, help="RandomErasing probability")
+    g.add_argument("--mixup", type=non_negative_float, default=0.0, help="MixUp alpha (0: off)")
+    g.add_argument("--cutmix", type=non_negative_float, default=0.0, help="CutMix alpha (0: off)")
+    g.add_argument("--repeated-aug", type=positive_int, default=1, help="repeated augmentation: copies per image")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=positive_int, default=2)
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="per process")
+    g.add_argument("--accum", type=positive_int, default=1, help="gradient accumulation steps")
+    g.add_argument("--lr", type=non_negative_float, default=3e-4, help="peak learning rate (paper: 3e-4)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    g.add_argument("--warmup", type=non_negative_float, default=0.05, help="fraction of steps in linear warmup")
+    g.add_argument("--clip-grad", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--label-smoothing", type=non_negative_float, default=0.1)
+    g.add_argument("--ema", type=non_negative_float, default=0.0, help="EMA decay of the weights (0: off)")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("system")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA)")
+    g.add_argument("--peak-tflops", type=non_negative_float, default=None,
+                   help="device peak for the MFU column (default: known GPUs only)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--out-dir", default=None, help="default: runs/MODEL-DATA")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: every epoch)")
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    g.add_argument("--log-every", type=positive_int, default=10, help="steps between metric lines")
+    args = parser.parse_args(argv)
+    args.out_dir = args.out_dir or os.path.join("runs", f"{args.model}-{args.data}")
+    model_config(args, parser, num_classes=1)                 # refuse a bad model before any work
+    if args.data == "shapes" and args.data_dir != "data":
+        parser.error("--data-dir is not used by the shapes data")
+    return args, parser
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+def setup_distributed():
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE; plain python is a world of one."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def all_sum(values, device):
+    """Sum a list of floats over all processes."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, not ours or does not fit."""
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over `path`.
+    A crash mid-write leaves the previous checkpoint whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Our checkpoint, or a CheckpointError naming the file. weights_only=True: a file can never run code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:          # torch's message suggests weights_only=False: never that
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith(
+            ("Weights only load failed", "Please file", "Check the documentation"))), "not plain weights")
+        raise CheckpointError(f"{path}: refused: not a plain-weights file, so it was not unpickled "
+                              f"({reason.removeprefix('WeightsUnpickler error: ')})") from None
+    except Exception as error:                                # truncated zip, bad magic, wrong file type...
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a CAT checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    return state
+
+
+def model_from_checkpoint(state, path, use_ema=True):
+    """Rebuild the model a checkpoint describes, with its EMA weights when it has them and use_ema."""
+    try:
+        model = CAT(config_from_dict(state["config"]))
+        weights = state["model"]
+        if use_ema and state.get("ema") is not None:
+            weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+        model.load_state_dict(weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: weights do not fit the model it describes "
+                              f"({str(error).splitlines()[0]})") from None
+    return model
+
+
+def check_out_dir(out_dir, needed_bytes):
+    """Fail at start, not after an hour, when the output folder cannot take our checkpoints."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"error: --out-dir {out_dir} is not writable ({error.strerror})")
+    free = shutil.disk_usage(out_dir).free
+    if free < needed_bytes:
+        raise SystemExit(f"error: --out-dir {out_dir} has {free / 2**20:.0f} MiB free; a checkpoint needs about "
+                         f"{needed_bytes / 2**20:.0f} MiB (twice its size, for the atomic write)")
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size, device, amp, workers=0, rank=0, world=1, progress=False):
+    """top-1, top-5 (percent), mean loss, images/s over `dataset`, each process taking every world-th image."""
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    start = time.perf_counter()
+    for images, labels, _ in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images).float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(1).sum().item()
+        count += len(labels)
+    seconds = time.perf_counter() - start
+    correct1, correct5, loss_sum, count, seconds = all_sum([correct1, correct5, loss_sum, count, seconds], device)
+    model.train(was_training)
+    return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count,
+            "images_per_s": count / (seconds / world), "images": int(count)}
+
+
+def autocast(device, amp):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM while training; the loop saves and exits at the next step. A second signal
+    interrupts at once. The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.raised = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+
+def ignore_sigint(_):
+    """DataLoader workers leave Ctrl-C to the main process, which saves before exiting."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_optimizer(model, args, device, total_steps):
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
+                                  fused=fused or None)
+    warmup = round(args.warmup * total_steps)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))
+    if warmup == 0:
+        return optimizer, cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
+    return optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def train(args, parser):
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    cuda = device.type == "cuda"
+    use_amp = cuda if args.amp is None else args.amp
+    use_compile = cuda if args.compile is None else args.compile
+    workers = args.workers if args.workers is not None else (4 if cuda else 1)
+    torch.manual_seed(args.seed)                                # same initial weights on every process
+    random.seed(args.seed)
+
+    res = args.res or PRESETS[args.model].img_size
+    aug = data.AugConfig(crop_scale=args.crop_scale, flip=not args.no_flip, auto_augment=args.auto_augment,
+                         erase=args.erase)
+    try:
+        train_set = data.build_dataset(args.data, args.data_dir, "train", res, train_aug=aug, download=args.download,
+                                       strict_images=args.strict_images, shapes_size=args.shapes_size, seed=args.seed)
+        val_set = data.build_dataset(args.data, args.data_dir, "val", res, download=args.download,
+                                     strict_images=args.strict_images, seed=args.seed)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        parser.error(str(error))
+    config = model_config(args, parser, num_classes=len(train_set.classes))
+    if len(train_set) < args.batch_size * args.accum * world:
+        parser.error(f"--batch-size {args.batch_size} x --accum {args.accum} x {world} processes is more than "
+                     f"the {len(train_set)} training images")
+
+    model = CAT(config).to(device)
+    flops_per_image = count_flops(config, res)
+    check_out_dir(args.out_dir, needed_bytes=2 * 4 * model.num_params() * (4 if args.ema else 3) + 2**20)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+
+    sampler = data.ShardedSampler(len(train_set), world, rank, shuffle=True, seed=args.seed,
+                                  repeats=args.repeated_aug, drop_last=True)
+    steps_per_epoch = len(sampler) // (args.batch_size * args.accum)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    optimizer, scheduler = build_optimizer(model, args, device, total_steps)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    mixer = data.batch_mixer(config.num_classes, mixup=args.mixup, cutmix=args.cutmix)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    step = epoch = step_in_epoch = 0
+    if args.resume:
+        try:
+            state = load_checkpoint(ckpt_path)
+        except CheckpointError as error:
+            parser.error(str(error))
+        if state["config"] != asdict(config):
+            parser.error(f"{ckpt_path} was trained with a different model; resume with the same flags")
+        if state["world_size"] != world:
+            parser.error(f"{ckpt_path} was written by {state['world_size']} process(es), this run has {world}: "
+                         f"the data order and random streams depend on it, so resume with "
+                         f"--nproc_per_node={state['world_size']}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"][rank])
+        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        say(f"resumed {ckpt_path} at step {step} (epoch {epoch}, step {step_in_epoch} of {steps_per_epoch})")
+
+    raw_model = model
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if use_compile:
+        model = torch.compile(model)
+
+    def checkpoint(metrics=None):
+        """Gather every process's RNG state and write the checkpoint from rank 0."""
+        rng = [None] * world
+        if world > 1:
+            dist.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        if is_main:
+            save_checkpoint({
+                "format": CHECKPOINT_FORMAT, "config": asdict(config), "args": vars(args),
+                "classes": list(train_set.classes), "model": raw_model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                "step_in_epoch": step_in_epoch, "world_size": world, "rng": rng, "metrics": metrics,
+            }, ckpt_path)
+
+    def validate():
+        metrics = {f"val_{k}": v for k, v in evaluate(raw_model, val_set, args.batch_size, device, use_amp, workers,
+                                                          rank, world).items()}
+        if ema is not None:
+            metrics.update({f"ema_val_{k}": v for k, v in evaluate(ema, val_set, args.batch_size, device,
+                                                                     use_amp, workers, rank, world).items()})
+        metrics["step"] = step
+        log({"epoch": epoch, **metrics})
+        return metrics
+
+    def log(record):
+        if is_main:
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
+        (flops for name, flops in PEAK_FLOPS.items() if cuda and name in torch.cuda.get_device_name(device)), None)
+    say(f"{args.model}: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_image / 1e9:.3f} GFLOPs/image "
+        f"at {res}px | {args.data}: {len(train_set)} train / {len(val_set)} val, {config.num_classes} classes | "
+        f"{world} process(es) on {device.type}, {total_steps} steps of {args.batch_size * args.accum * world} images")
+    if is_main:
+        log({"event": "start", "step": step, "args": vars(args), "config": asdict(config), "world_size": world,
+             "params": raw_model.num_params(), "flops_per_image": flops_per_image})
+
+    model.train()
+    metrics = None
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    window = {"loss": 0.0, "steps": 0, "images": 0, "skipped": 0, "start": time.perf_counter()}
+    with StopFlag() as stop:
+        while step < total_steps:
+            sampler.set_epoch(epoch, start=step_in_epoch * args.batch_size * args.accum)
+            train_set.set_epoch(epoch)
+            # Its own generator: the loader's worker seed must not come from (and shift) the global RNG,
+            # or a run resumed mid-epoch would draw different dropout and MixUp than an uninterrupted one.
+            batches = iter(DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                      num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_sigint,
+                                      generator=torch.Generator().manual_seed(args.seed + epoch)))
+            while step_in_epoch < steps_per_epoch and step < total_steps:
+                loss_sum = 0.0
+                for micro in range(args.accum):
+                    images, labels, skipped = next(batches)
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    if mixer is not None:
+                        images, labels = mixer(images, labels)
+                    sync = micro == args.accum - 1 or world == 1
+                    with autocast(device, use_amp), (nullcontext() if sync else model.no_sync()):
+                        loss = criterion(model(images).float(), labels) / args.accum
+                    loss.backward()
+                    loss_sum += loss.detach()
+                    window["skipped"] += int(skipped.sum())
+                # One small all-reduce per step: every process sees the same loss check and stop request.
+                loss_total, stop_votes = all_sum([float(loss_sum), float(stop.raised)], device)
+                if not math.isfinite(loss_total):
+                    raise FloatingPointError(f"loss is {loss_total} at step {step + 1} (epoch {epoch}); stopped "
+                                             f"before the update. The last good checkpoint is {ckpt_path}"
+                                             + ("" if os.path.exists(ckpt_path) else " (none written yet)"))
+                if args.clip_grad:
+                    nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(raw_model)
+                step += 1
+                step_in_epoch += 1
+                bar.update()
+                window["loss"] += loss_total / world
+                window["steps"] += 1
+                window["images"] += images.shape[0] * args.accum * world
+                epoch_done = step_in_epoch == steps_per_epoch
+                if step % args.log_every == 0 or step == total_steps:
+                    seconds = time.perf_counter() - window["start"]
+                    speed = window["images"] / seconds
+                    record = {"step": step, "epoch": epoch, "loss": window["loss"] / window["steps"],
+                              "lr": scheduler.get_last_lr()[0], "images_per_s": speed,
+                              "skipped_images": all_sum([window["skipped"]], device)[0]}
+                    if peak:
+                        record["mfu"] = 3 * flops_per_image * speed / (peak * world)
+                    log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{speed:.0f}")
+                    window = {"loss": 0.0, "steps": 0, "images": 0, "skipped": 0, "start": time.perf_counter()}
+                if epoch_done:
+                    epoch, step_in_epoch = epoch + 1, 0
+                if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and epoch_done):
+                    metrics = validate()
+                    if is_main:
+                        bar.write(f"step {step}: val top-1 {metrics['val_top1']:.2f}%" + (
+                            f" (EMA {metrics['ema_val_top1']:.2f}%)" if ema is not None else ""))
+                if (args.save_every and step % args.save_every == 0) or (not args.save_every and epoch_done):
+                    checkpoint(metrics)
+                if stop_votes:
+                    checkpoint(metrics)
+                    bar.close()
+                    say(f"\nstopped by signal at step {step}; saved {ckpt_path}. Continue with the same command "
+                        f"and --resume.")
+                    return None
+                if epoch_done:
+                    break
+        bar.close()
+        if metrics is None or metrics.get("step") != step:
+            metrics = validate()
+        checkpoint(metrics)
+    return metrics
+
+
+def main(argv=None):
+    args, parser = parse_args(argv)
+    try:
+        metrics = train(args, parser)
+    except (FloatingPointError, data.DataError) as error:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\nerror: {one_line(error)}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if metrics is not None and int(os.environ.get("RANK", 0)) == 0:
+        ckpt = os.path.join(args.out_dir, "ckpt.pt")
+        line = f"val top-1 {metrics['val_top1']:.2f}%, top-5 {metrics['val_top5']:.2f}%"
+        if "ema_val_top1" in metrics:
+            line += f" (EMA weights: top-1 {metrics['ema_val_top1']:.2f}%)"
+        print(f"\n{line}\ncheckpoint: {ckpt}\nevaluate it at other resolutions: "
+              f"python eval.py --ckpt {ckpt} --res {' '.join(str(r) for r in eval_resolutions(args))}")
+    return 0
+
+
+def one_line(error):
+    """The message of an error, also when a DataLoader worker wrapped it in its traceback text."""
+    line = str(error).strip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return line.removeprefix(prefix)
+
+
+def eval_resolutions(args):
+    res = args.res or PRESETS[args.model].img_size
+    patch = args.patch or PRESETS[args.model].patch
+    return [res, *(math.ceil(res * f / patch) * patch for f in (1.5, 2))]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
