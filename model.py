@@ -142,7 +142,7 @@ def imprint_alpha(mode, layer, depth):
 class Attention(nn.Module):
     """What every attention here shares: the qkv projection (+ imprint), heads, positions, output.
 
-    Subclasses define attend(qkv (3, B, h, H, W, d), cls_column) -> (B, h, H, W, d).
+    Subclasses define attend(q, k, v, cls_column) on (B, h, H, W, d) tensors.
     """
 
     def __init__(self, cfg, layer):
@@ -159,13 +159,16 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, H, W, 3, D)
         if alpha:                                                    # alpha_l * E onto q, k and v (SPEC 2.3)
             qkv = qkv.add(embed.unsqueeze(3), alpha=alpha)
-        qkv = qkv.view(B, H, W, 3, self.heads, -1).permute(3, 0, 4, 1, 2, 5)   # (3, B, h, H, W, d)
-        o = self.attend(qkv, cls_column)                             # (B, h, H, W, d)
+        # unbind, then permute: the backward pass stacks the three gradients straight into the Linear's layout
+        q, k, v = (t.permute(0, 3, 1, 2, 4) for t in qkv.view(B, H, W, 3, self.heads, -1).unbind(3))
+        o = self.attend(q, k, v, cls_column)                         # (B, h, H, W, d)
         return self.drop(self.proj(o.permute(0, 2, 3, 1, 4).reshape(B, H, W, D)))
 
-    def rotate(self, qk, cls_column):
-        """Positions on q and k together, (2, B, h, H, W, c); the rotated copy is contiguous for the matmuls."""
-        return qk if self.pos is None else self.pos(qk, cls_column)
+    def rotate(self, q, k, cls_column):
+        """Positions on q and k; the rotated copies are contiguous, as the matmuls want them."""
+        if self.pos is None:
+            return q, k
+        return self.pos(q, cls_column), self.pos(k, cls_column)
 
 
 class CrossAxisAttention(Attention):
@@ -186,10 +189,8 @@ class CrossAxisAttention(Attention):
         gamma = 1 - 2.0 ** (-5 - torch.arange(cfg.heads, dtype=torch.float32))
         self.register_buffer("gamma", gamma.view(-1, 1, 1, 1), persistent=False)
 
-    def attend(self, qkv, cls_column):
-        qk, v = qkv.split([2, 1])                                    # split, not indexing: its backward
-        q, k = self.rotate(qk, cls_column)                           # concatenates instead of zero-filling
-        v = v[0]
+    def attend(self, q, k, v, cls_column):
+        q, k = self.rotate(q, k, cls_column)
         k = k * self.gamma.to(k.dtype)
         if self.transpose:
             q, k, v = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)   # (B, h, W, H, d)
@@ -202,10 +203,8 @@ class CrossAxisAttention(Attention):
 class SoftmaxAttention(Attention):
     """ViT's multi-head attention over all H*W tokens through scaled_dot_product_attention."""
 
-    def attend(self, qkv, cls_column):
-        qk, v = qkv.split([2, 1])
-        q, k = self.rotate(qk, cls_column)
-        v = v[0]
+    def attend(self, q, k, v, cls_column):
+        q, k = self.rotate(q, k, cls_column)
         B, h, H, W, d = q.shape
         o = F.scaled_dot_product_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3))  # (B, h, HW, d)
         return o.view(B, h, H, W, d)
@@ -236,12 +235,12 @@ class PerformerAttention(Attention):
         shift = proj.amax(-1, keepdim=True) if is_query else proj.amax((-2, -1), keepdim=True)
         return torch.exp(proj - x.square().sum(-1, keepdim=True) / 2 - shift.detach()) / math.sqrt(proj.shape[-1])
 
-    def attend(self, qkv, cls_column):
-        _, B, h, H, W, d = qkv.shape
-        q, k, v = qkv.float().flatten(3, 4)                          # (B, h, N, d) each, fp32 for exp
+    def attend(self, q, k, v, cls_column):
+        B, h, H, W, d = q.shape
+        q, k, v = (t.float().flatten(2, 3) for t in (q, k, v))      # (B, h, N, d), fp32 for exp
         fq, fk = self.feature_map(q, True), self.feature_map(k, False)   # (B, h, N, m)
         m = fq.shape[-1]
-        rq, rk = self.rotate(torch.stack([fq, fk]).view(2, B, h, H, W, m), cls_column)
+        rq, rk = self.rotate(fq.view(B, h, H, W, m), fk.view(B, h, H, W, m), cls_column)
         kv = rk.flatten(2, 3).transpose(-1, -2) @ v                  # (B, h, m, d)
         numerator = rq.flatten(2, 3) @ kv                            # (B, h, N, d)
         normaliser = fq @ fk.sum(2).unsqueeze(-1)                    # (B, h, N, 1)

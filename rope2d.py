@@ -118,8 +118,23 @@ def rotate(x, angles, interleaved):
     """Turn channel pairs of x (..., c) by angles (..., c/2), in fp32.
 
     interleaved=False pairs channel i with i + c/2 ("rotate half", `cat`); True pairs 2i with 2i+1
-    (complex numbers, RoPE-ViT's `axial` and `mixed`).
+    (complex numbers, RoPE-ViT's `axial` and `mixed`). Eager mode multiplies complex numbers (about 2x faster
+    on CPU than the real form: one pass instead of six); torch.compile gets the real form, which it fuses.
     """
+    if torch.compiler.is_compiling():
+        return rotate_real(x, angles, interleaved)
+    turn = torch.polar(torch.ones_like(angles), angles)                  # e^(i angle)
+    xf = x.float()
+    if interleaved:
+        turned = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * turn
+        return torch.view_as_real(turned).flatten(-2).type_as(x)
+    a, b = xf.chunk(2, -1)
+    turned = torch.complex(a, b) * turn
+    return torch.view_as_real(turned).transpose(-1, -2).flatten(-2).type_as(x)
+
+
+def rotate_real(x, angles, interleaved):
+    """rotate() in real arithmetic: (a, b) -> (a cos - b sin, a sin + b cos)."""
     cos, sin = angles.cos(), angles.sin()
     xf = x.float()
     if interleaved:

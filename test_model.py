@@ -202,6 +202,17 @@ def test_cat_coords_keep_the_aspect_ratio():
     torch.testing.assert_close(y[[0, -1]], torch.tensor([math.pi / 2, -math.pi / 2]))   # height runs down
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_complex_and_real_rotations_agree(interleaved):
+    x, angles = torch.randn(2, 3, 4, 5, 16), torch.randn(3, 4, 5, 8)
+    torch.testing.assert_close(rope2d.rotate(x, angles, interleaved), rope2d.rotate_real(x, angles, interleaved))
+    a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, -1)
+    turned = rope2d.rotate(x, angles, interleaved)
+    turned_a, turned_b = (turned[..., 0::2], turned[..., 1::2]) if interleaved else turned.chunk(2, -1)
+    torch.testing.assert_close(turned_a, a * angles.cos() - b * angles.sin())    # the pairing, spelled out
+    torch.testing.assert_close(turned_b, a * angles.sin() + b * angles.cos())
+
+
 def test_rotation_is_fp32_under_autocast():
     rotary = rope2d.RotaryPosition("cat", dim=64, heads=4)
     x = torch.randn(1, 4, 6, 6, 16).bfloat16()
@@ -241,7 +252,7 @@ def test_favor_approximates_softmax_attention():
     attention = PerformerAttention(small(attn="performer", pos="none", performer_features=4096), layer=0)
     q, k, v = (0.5 * torch.randn(1, 2, 4, 4, 16) for _ in range(3))
     exact = F.scaled_dot_product_attention(*(t.flatten(2, 3) for t in (q, k, v))).view(1, 2, 4, 4, 16)
-    approx = attention.attend(torch.stack([q, k, v]), cls_column=False)
+    approx = attention.attend(q, k, v, cls_column=False)
     assert (approx - exact).norm() / exact.norm() < 0.1
 
 
@@ -252,7 +263,7 @@ def test_performer_relu_kernel_is_linear_attention():
     fq, fk = F.relu(q.flatten(2, 3)) + 1e-3, F.relu(k.flatten(2, 3)) + 1e-3
     weights = fq @ fk.transpose(-1, -2)
     expected = (weights / weights.sum(-1, keepdim=True)) @ v.flatten(2, 3)
-    torch.testing.assert_close(attention.attend(torch.stack([q, k, v]), False), expected.view(1, 2, 3, 3, 16))
+    torch.testing.assert_close(attention.attend(q, k, v, False), expected.view(1, 2, 3, 3, 16))
 
 
 # ---------------------------------------------------------------------------------------------- imprint
