@@ -11,6 +11,7 @@ device peak is known); then the CAT/ViT speed ratios, the exponent of cost again
 quadratic/linear crossover of the cross-axis product.
 """
 import argparse
+import ctypes
 import json
 import math
 import statistics
@@ -21,7 +22,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from model import CAT, PRESETS, count_flops, cross_axis_attention
+from model import CAT, LINEAR_ABOVE, PRESETS, count_flops, cross_axis_attention
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}    # bf16 dense
 
@@ -32,7 +33,9 @@ def parse_args(argv=None):
                         choices=sorted(PRESETS), help="the first is compared with `vit-paper` (or the second)")
     parser.add_argument("--res", type=int, nargs="+", default=[224, 384, 768])
     parser.add_argument("--batch-size", type=int, default=None, help="default: 1 on CPU, 32 on CUDA")
-    parser.add_argument("--iters", type=int, default=None, help="timed rounds (default: 2 on CPU, 20 on CUDA)")
+    parser.add_argument("--iters", type=int, default=None, help="least timed rounds (default: 2 on CPU, 20 on CUDA)")
+    parser.add_argument("--min-seconds", type=float, default=None, help="more rounds (up to 100) until every model "
+                        "has this much timed training (default: 10 on CPU, 2 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -41,6 +44,8 @@ def parse_args(argv=None):
                         help="grid widths for the quadratic/linear timing (none: skip it)")
     parser.add_argument("--timm", action="store_true", help="add timm's ViT of the vit-paper size, if installed")
     parser.add_argument("--smoke", action="store_true", help="tiny models at 32/64 px, one round: seconds")
+    parser.add_argument("--os-allocator", action="store_true", help="CPU: leave glibc returning freed memory to "
+                        "the OS (default: keep it, see keep_freed_memory)")
     parser.add_argument("--json", default=None, help="write all results to this file")
     parser.add_argument("--plot", default=None, help="PNG of images/s and memory against resolution "
                         "(needs matplotlib; skipped without it)")
@@ -48,14 +53,29 @@ def parse_args(argv=None):
     cpu = args.device == "cpu"
     if args.smoke:
         args.models, args.res, args.iters, args.warmup = ["cat-tiny", "vit-tiny", "performer-tiny"], [32, 64], 1, 0
+        args.min_seconds = 0
         args.crossover_widths = [4, 8, 16] if args.crossover_widths else []
     args.batch_size = args.batch_size or (1 if cpu else 32)
     args.iters = args.iters or (2 if cpu else 20)
+    args.min_seconds = (10 if cpu else 2) if args.min_seconds is None else args.min_seconds
     for res in args.res:
         for name in args.models:
             if res % PRESETS[name].patch:
                 parser.error(f"--res {res} is not divisible by the patch size {PRESETS[name].patch} of {name}")
     return args
+
+
+def keep_freed_memory():
+    """On glibc, stop handing large freed blocks back to the OS. By default every block over 32 MiB is
+    mmap-ed and unmapped again, so each step page-faults all its activations back in (a 768 px step spends
+    a third of a second per GiB in the kernel). That tax falls hardest on the model that computes least per
+    byte, so the harness removes it for every model alike. Returns whether it could."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                      # from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def synchronize(device):
@@ -131,18 +151,22 @@ def benchmark(args):
                 model(images)
 
         times = {name: {"train": [], "forward": []} for name in names}
-        for round_ in range(args.warmup + args.iters):
+        round_ = 0
+        while round_ < args.warmup + args.iters or (round_ < 100 and min(
+                sum(t["train"]) for t in times.values()) < args.min_seconds):
+            round_ += 1
             for name, (model, raw, config) in built.items():
                 raw.zero_grad(set_to_none=True)
                 train_time = timed(lambda: train_step(model, config.num_classes), device)
                 forward_time = timed(lambda: forward_step(model), device)
-                if round_ >= args.warmup:
+                if round_ > args.warmup:
                     times[name]["train"].append(train_time)
                     times[name]["forward"].append(forward_time)
         for name, (model, raw, config) in built.items():
             train_s, forward_s = statistics.median(times[name]["train"]), statistics.median(times[name]["forward"])
             flops = count_flops(config, res) if name != "timm-vit" else None
             row = {"model": name, "res": res, "tokens": (res // config.patch) ** 2, "batch": args.batch_size,
+                   "rounds": len(times[name]["train"]),
                    "train_images_per_s": args.batch_size / train_s, "forward_images_per_s": args.batch_size / forward_s,
                    "gflops": flops / 1e9 if flops else None, "params_m": raw_params(raw) / 1e6,
                    "activation_mib": activation_bytes(raw, images, autocast) / 2**20}
@@ -211,7 +235,7 @@ def crossover(widths, head_dim, heads, device, iters, warmup):
                 cross_axis_attention(q, k, v, form).sum().backward()
             samples = [timed(step, device) for _ in range(warmup + iters)][warmup:]
             result[form + "_ms"] = 1000 * statistics.median(samples)
-        result["auto"] = "quadratic" if width <= head_dim else "linear"
+        result["auto"] = "quadratic" if width <= LINEAR_ABOVE * head_dim else "linear"
         table.append(result)
     return table
 
@@ -221,8 +245,10 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {threads} threads"
-    print(f"bench on {where}, batch {args.batch_size}, {args.iters} timed round(s) after {args.warmup}, "
-          f"amp={args.amp}, compile={args.compile}, torch {torch.__version__}")
+    if args.device == "cpu" and not args.os_allocator:
+        where += ", freed memory kept" if keep_freed_memory() else ""
+    print(f"bench on {where}, batch {args.batch_size}, median of >= {args.iters} timed round(s) (and >= "
+          f"{args.min_seconds:g} s) after {args.warmup}, amp={args.amp}, compile={args.compile}, torch {torch.__version__}")
     print(HEADER)
     rows = benchmark(args)
     fast = args.models[0]

@@ -12,6 +12,7 @@ Combinations: `ape+cat`, `ape+axial`, `ape+mixed`; and `none`.
 Everything here is computed in fp32, also under autocast, and at any grid size.
 """
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -123,13 +124,17 @@ def rotate(x, angles, interleaved):
     """
     if torch.compiler.is_compiling():
         return rotate_real(x, angles, interleaved)
-    turn = torch.polar(torch.ones_like(angles), angles)                  # e^(i angle)
+    return turn(x, torch.polar(torch.ones_like(angles), angles), interleaved)
+
+
+def turn(x, turns, interleaved):
+    """rotate() with the unit complex numbers e^(i angle) given."""
     xf = x.float()
     if interleaved:
-        turned = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * turn
+        turned = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * turns
         return torch.view_as_real(turned).flatten(-2).type_as(x)
     a, b = xf.chunk(2, -1)
-    turned = torch.complex(a, b) * turn
+    turned = torch.complex(a, b) * turns
     return torch.view_as_real(turned).transpose(-1, -2).flatten(-2).type_as(x)
 
 
@@ -153,6 +158,16 @@ def fit_channels(table, channels, cls_column, pad_value):
     if cls_column:
         table = F.pad(table, (0, 0, 0, 1), value=pad_value)
     return table
+
+
+@lru_cache(maxsize=32)
+def fixed_turns(scheme, dim, heads, H, W, channels, cls_column, device):
+    """e^(i angle) of a fixed scheme (`cat`, `axial`) for one grid, computed once and shared by every layer:
+    at 768 px the table is as large as q itself for a batch of one."""
+    angles = cat_angles(H, W, dim, heads, device) if scheme == "cat" else axial_angles(H, W, dim // heads,
+                                                                                      device=device)
+    angles = fit_channels(angles, channels // 2, cls_column, 0.0)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 class RotaryPosition(nn.Module):
@@ -181,8 +196,12 @@ class RotaryPosition(nn.Module):
         if self.scheme == "cat_ref":
             scale = fit_channels(cat_ref_scale(H, W, self.head_dim, x.device), x.shape[-1], cls_column, 1.0)
             return (x.float() * scale).type_as(x)
+        interleaved = self.scheme != "cat"
+        if self.scheme != "mixed" and not torch.compiler.is_compiling():
+            turns = fixed_turns(self.scheme, self.dim, self.heads, H, W, x.shape[-1], cls_column, x.device)
+            return turn(x, turns, interleaved)
         angles = fit_channels(self.angles(H, W, x.device), x.shape[-1] // 2, cls_column, 0.0)
-        return rotate(x, angles, interleaved=self.scheme != "cat")
+        return rotate(x, angles, interleaved)
 
 
 class AbsolutePosition(nn.Module):
