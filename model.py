@@ -7,6 +7,7 @@ operations follow SPEC.md section 2, since the paper's Sec. 2.1 lost them in con
 Shapes: B batch, H x W patch grid, D model width, h heads, d = D / h head width.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -202,10 +203,15 @@ class CrossAxisAttention(Attention):
         k = k * self.gamma.to(k.dtype)
         if self.transpose:
             q, k, v = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)   # (B, h, W, H, d)
-        o = cross_axis_attention(q, k, v, self.form, self.mid_norm)
-        if self.transpose:
-            o = o.transpose(2, 3)                                    # back to (B, h, H, W, d)
-        return self.norm(o)
+        # The products are unscaled sums over d, W and H rows: at 768 px max|o| is ~1e4 already at init, near
+        # fp16's 65504, and bf16 keeps 8 bits of mantissa. They are <1% of the FLOPs at 224 px (~3% at 768),
+        # so under autocast they run in fp32, as does the GroupNorm after them. (The meta device of the FLOP
+        # counter has no autocast.)
+        with nullcontext() if q.is_meta else torch.autocast(q.device.type, enabled=False):
+            o = cross_axis_attention(q.float(), k.float(), v.float(), self.form, self.mid_norm)
+            if self.transpose:
+                o = o.transpose(2, 3)                                # back to (B, h, H, W, d)
+            return self.norm(o)
 
 
 class SoftmaxAttention(Attention):

@@ -227,6 +227,20 @@ def test_rotation_is_fp32_under_autocast():
     torch.testing.assert_close(out, rope2d.rotate(x.float(), angles, False).bfloat16())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cross_axis_products_stay_fp32_under_autocast(dtype):
+    """Large activations on a 96 x 96 grid (768 px, patch 8): the unscaled products reach ~1e7, past fp16's
+    65504. Under autocast they must still come out finite and match the fp32 computation."""
+    torch.manual_seed(0)
+    attention = CrossAxisAttention(small(pos="cat", dim=64, heads=4), layer=0)
+    x = 20 * torch.randn(1, 96, 96, 64)
+    reference = attention(x)
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = attention(x.to(dtype))
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
 def test_model_runs_under_bf16_autocast():
     model = CAT(small(pos="ape+mixed"))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -262,6 +262,35 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, message):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def image_tree(root, layout):
+    """root/split/class/*.png for {split: {class: image count}}."""
+    from PIL import Image
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), (i * 10, 0, 0)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout,message", [
+    ({"train": {"a": 2, "b": 2}}, "val is missing"),
+    ({"train": {"a": 2, "b": 2}, "val": {"a": 2, "c": 2}}, "train and val classes differ"),
+    ({"train": {"a": 2, "b": 0}, "val": {"a": 2, "b": 2}}, "has no image files"),
+    ({"train": {}, "val": {}}, "no class folders"),
+])
+def test_bad_image_folders_fail_with_one_line(tmp_path, capsys, layout, message):
+    image_tree(tmp_path / "data", layout)
+    for split in layout:
+        (tmp_path / "data" / split).mkdir(parents=True, exist_ok=True)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--data", "imagefolder", "--data-dir", str(tmp_path / "data"),
+                    "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_unwritable_out_dir_fails_at_start(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -276,13 +305,7 @@ def test_full_disk_fails_at_start(tmp_path, monkeypatch):
 
 
 def test_strict_images_stops_with_one_line(tmp_path, capsys):
-    from PIL import Image
-    for split in ("train", "val"):
-        for name in ("a", "b"):
-            folder = tmp_path / "data" / split / name
-            folder.mkdir(parents=True)
-            for i in range(20):
-                Image.new("RGB", (32, 32), (i * 10, 0, 0)).save(folder / f"{i}.png")
+    image_tree(tmp_path / "data", {"train": {"a": 20, "b": 20}, "val": {"a": 20, "b": 20}})
     (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"not a png")
     common = [*TINY, "--data", "imagefolder", "--data-dir", str(tmp_path / "data"), "--max-steps", "20",
               "--epochs", "10", "--out-dir", str(tmp_path / "run")]

@@ -105,30 +105,36 @@ def parse_args(argv=None):
                    "ROOT/train/CLASS/*, ROOT/val/CLASS/*)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-dir")
     g.add_argument("--strict-images", action="store_true", help="stop at an unreadable image instead of skipping it")
-    g.add_argument("--shapes-size", type=positive_int, default=20000, help="training images of the shapes data")
+    g.add_argument("--shapes-size", type=positive_int, default=20000,
+                   help="training images of the shapes data (default 20000; val is 2000)")
     g.add_argument("--res", type=positive_int, default=None, help="training resolution (default: the preset's)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process "
                    "(default: 4 on CUDA, 1 on CPU)")
     g.add_argument("--crop-scale", type=non_negative_float, default=0.35,
-                   help="RandomResizedCrop min scale; 1 disables (never used for shapes)")
+                   help="RandomResizedCrop min scale (default 0.35; 1: resize and centre-crop; not for shapes)")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for shapes)")
-    g.add_argument("--auto-augment", default="none", choices=("none", "randaug", "trivial"))
+    g.add_argument("--auto-augment", default="none", choices=("none", "randaug", "trivial"),
+                   help="RandAugment or TrivialAugmentWide (never used for shapes)")
     g.add_argument("--erase", type=non_negative_float, default=0.0, help="RandomErasing probability")
     g.add_argument("--mixup", type=non_negative_float, default=0.0, help="MixUp alpha (0: off)")
     g.add_argument("--cutmix", type=non_negative_float, default=0.0, help="CutMix alpha (0: off)")
-    g.add_argument("--repeated-aug", type=positive_int, default=1, help="repeated augmentation: copies per image")
+    g.add_argument("--repeated-aug", type=positive_int, default=1,
+                   help="repeated augmentation: copies of each image, spread over processes (default 1: off)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=2)
-    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="per process")
-    g.add_argument("--accum", type=positive_int, default=1, help="gradient accumulation steps")
+    g.add_argument("--epochs", type=positive_int, default=2, help="passes over the training set (default 2)")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="cap on optimizer steps (the schedule spans the capped run)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="per process (default 64)")
+    g.add_argument("--accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=non_negative_float, default=3e-4, help="peak learning rate (paper: 3e-4)")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.05)
-    g.add_argument("--warmup", type=non_negative_float, default=0.05, help="fraction of steps in linear warmup")
-    g.add_argument("--clip-grad", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--label-smoothing", type=non_negative_float, default=0.1)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.05,
+                   help="AdamW decay of weight matrices only (default 0.05)")
+    g.add_argument("--warmup", type=non_negative_float, default=0.05,
+                   help="fraction of the steps in linear warmup before the cosine decay (default 0.05)")
+    g.add_argument("--clip-grad", type=non_negative_float, default=1.0, help="max gradient norm (default 1; 0: off)")
+    g.add_argument("--label-smoothing", type=non_negative_float, default=0.1, help="default 0.1")
     g.add_argument("--ema", type=non_negative_float, default=0.0, help="EMA decay of the weights (0: off)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="weights, data order, augmentation (default 0)")
     g = parser.add_argument_group("system")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA)")
@@ -141,7 +147,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: every epoch)")
     g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
-    g.add_argument("--log-every", type=positive_int, default=10, help="steps between metric lines")
+    g.add_argument("--log-every", type=positive_int, default=10, help="steps between metric lines (default 10)")
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", f"{args.model}-{args.data}")
     model_config(args, parser, num_classes=1)                 # refuse a bad model before any work
