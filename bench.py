@@ -298,7 +298,10 @@ def plot(rows, path, where):
     axes[0].set(xlabel="resolution (px)", ylabel="train images/s (fwd+bwd)", xscale="log", yscale="log")
     memory = "peak memory (MiB)" if "peak_mib" in rows[0] else "activations saved for backward (MiB)"
     axes[1].set(xlabel="resolution (px)", ylabel=memory, xscale="log", yscale="log")
+    resolutions = sorted({r["res"] for r in rows})
     for ax in axes:
+        ax.set_xticks(resolutions, [str(r) for r in resolutions])
+        ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"CAT vs baselines, {where}")

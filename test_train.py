@@ -78,6 +78,8 @@ def test_metrics_log_has_speed_lr_and_mfu(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
         assert r["images_per_s"] > 0 and 0 < r["mfu"] < 1 and r["lr"] >= 0 and r["skipped_images"] == 0
+    assert 0 < steps[0]["train_seconds"] < steps[1]["train_seconds"] < steps[2]["train_seconds"]
+    assert final["train_seconds"] == steps[2]["train_seconds"]
     assert {"val_top1", "val_top5", "val_loss"} <= set(final)
 
 

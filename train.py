@@ -370,6 +370,7 @@ def train(args, parser):
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     step = epoch = step_in_epoch = 0
+    train_seconds = 0.0                                       # time in training steps, not eval or saving
     if args.resume:
         try:
             state = load_checkpoint(ckpt_path)
@@ -388,6 +389,7 @@ def train(args, parser):
             ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"][rank])
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        train_seconds = state["train_seconds"]
         say(f"resumed {ckpt_path} at step {step} (epoch {epoch}, step {step_in_epoch} of {steps_per_epoch})")
 
     raw_model = model
@@ -410,6 +412,7 @@ def train(args, parser):
                 "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                 "step_in_epoch": step_in_epoch, "world_size": world, "rng": rng, "metrics": metrics,
+                "train_seconds": train_seconds,
             }, ckpt_path)
 
     def validate():
@@ -418,7 +421,7 @@ def train(args, parser):
         if ema is not None:
             metrics.update({f"ema_val_{k}": v for k, v in evaluate(ema, val_set, args.batch_size, device,
                                                                      use_amp, workers, rank, world).items()})
-        metrics["step"] = step
+        metrics.update(step=step, train_seconds=train_seconds)
         log({"epoch": epoch, **metrics})
         return metrics
 
@@ -439,7 +442,7 @@ def train(args, parser):
     model.train()
     metrics = None
     bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    window = {"loss": 0.0, "steps": 0, "images": 0, "skipped": 0, "start": time.perf_counter()}
+    window = {"loss": 0.0, "steps": 0, "images": 0, "skipped": 0, "seconds": 0.0}
     with StopFlag() as stop:
         while step < total_steps:
             sampler.set_epoch(epoch, start=step_in_epoch * args.batch_size * args.accum)
@@ -450,6 +453,7 @@ def train(args, parser):
                                       num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_sigint,
                                       generator=torch.Generator().manual_seed(args.seed + epoch)))
             while step_in_epoch < steps_per_epoch and step < total_steps:
+                tick = time.perf_counter()
                 loss_sum = 0.0
                 for micro in range(args.accum):
                     images, labels, skipped = next(batches)
@@ -475,6 +479,9 @@ def train(args, parser):
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update_parameters(raw_model)
+                seconds = time.perf_counter() - tick
+                train_seconds += seconds
+                window["seconds"] += seconds
                 step += 1
                 step_in_epoch += 1
                 bar.update()
@@ -483,16 +490,16 @@ def train(args, parser):
                 window["images"] += images.shape[0] * args.accum * world
                 epoch_done = step_in_epoch == steps_per_epoch
                 if step % args.log_every == 0 or step == total_steps:
-                    seconds = time.perf_counter() - window["start"]
-                    speed = window["images"] / seconds
+                    speed = window["images"] / window["seconds"]
                     record = {"step": step, "epoch": epoch, "loss": window["loss"] / window["steps"],
                               "lr": scheduler.get_last_lr()[0], "images_per_s": speed,
-                              "skipped_images": all_sum([window["skipped"]], device)[0]}
+                              "skipped_images": all_sum([window["skipped"]], device)[0],
+                              "train_seconds": train_seconds}
                     if peak:
                         record["mfu"] = 3 * flops_per_image * speed / (peak * world)
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{speed:.0f}")
-                    window = {"loss": 0.0, "steps": 0, "images": 0, "skipped": 0, "start": time.perf_counter()}
+                    window = {"loss": 0.0, "steps": 0, "images": 0, "skipped": 0, "seconds": 0.0}
                 if epoch_done:
                     epoch, step_in_epoch = epoch + 1, 0
                 if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and epoch_done):

@@ -1,0 +1,181 @@
+"""The README's real-data results: CAT vs ViT vs Performer, and the CAT paper's ablations, on tiny-imagenet-20.
+
+    python experiments.py --data-dir ../shared/data/tiny-imagenet-20        # every table (hours on 2 CPU cores)
+    python experiments.py --data-dir ... --tables families                  # one table
+    python experiments.py --report                                          # the tables from finished runs
+
+Each run is `python train.py ...` then `python eval.py --res 64 96 128` into runs/experiments/NAME. Finished runs
+are skipped and an interrupted one resumes, so the sweep can be stopped and started again at any time. Every
+model gets the same recipe (below) at 64 px; --epochs sets the budget (the paper's Table 4 used 10 on ImageNet).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+OUT = os.path.join("runs", "experiments")
+RECIPE = ["--data", "imagefolder", "--res", "64", "--batch-size", "64", "--lr", "1e-3", "--warmup", "0.05",
+          "--weight-decay", "0.05", "--label-smoothing", "0.1", "--crop-scale", "0.35", "--workers", "1",
+          "--log-every", "50"]
+EVAL_RES = [64, 96, 128]
+CAT_REF_TINY = ["--model", "cat-tiny", "--pos", "cat_ref", "--axis", "row", "--imprint", "tanh_decay",
+                "--pool", "corner"]                                # the released code's behaviour at cat-tiny size
+POSITIONS = ["none", "ape", "cat", "axial", "mixed", "ape+axial", "ape+mixed"]
+
+
+def runs(tables, seeds):
+    """{name: train.py flags} for the requested tables; runs shared between tables appear once."""
+    plan = {}
+    if "families" in tables:
+        for seed in seeds:
+            for name, flags in [("cat-tiny", ["--model", "cat-tiny"]), ("vit-tiny", ["--model", "vit-tiny"]),
+                                ("performer-tiny", ["--model", "performer-tiny"]), ("cat-ref-tiny", CAT_REF_TINY)]:
+                plan[f"{name}-s{seed}"] = [*flags, "--seed", str(seed)]
+    if "imprint" in tables:
+        for mode in ["none", "constant", "tanh_decay", "tanh_grow"]:
+            plan["cat-tiny-s0" if mode == "constant" else f"cat-imprint-{mode}"] = [
+                "--model", "cat-tiny", "--imprint", mode, "--seed", "0"]
+    if "positions" in tables:
+        for family, default in [("cat", "cat"), ("vit", "ape")]:
+            for pos in POSITIONS:
+                name = f"{family}-tiny-s0" if pos == default else f"{family}-pos-{pos.replace('+', '-')}"
+                plan[name] = ["--model", f"{family}-tiny", "--pos", pos, "--seed", "0"]
+    if "axis" in tables:
+        plan["cat-tiny-s0"] = ["--model", "cat-tiny", "--seed", "0"]
+        plan["cat-axis-row"] = ["--model", "cat-tiny", "--axis", "row", "--seed", "0"]
+    return plan
+
+
+def finished(name):
+    path = os.path.join(OUT, name, "eval.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def run(name, flags, args):
+    """Train (resuming if a checkpoint exists) and evaluate at EVAL_RES; the evaluation marks it finished."""
+    out = os.path.join(OUT, name)
+    command = [sys.executable, "train.py", *RECIPE, "--data-dir", args.data_dir, "--epochs", str(args.epochs),
+               *flags, "--out-dir", out]
+    if os.path.exists(os.path.join(out, "ckpt.pt")):
+        command.append("--resume")
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--workers", "1",
+                    "--res", *map(str, EVAL_RES), "--json", os.path.join(out, "eval.json")], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def training(name):
+    """(seconds in training steps, training images per second) of a finished run, from its metrics log."""
+    with open(os.path.join(OUT, name, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    start, last = records[0], records[-1]
+    images = last["step"] * start["args"]["batch_size"] * start["args"]["accum"] * start["world_size"]
+    return last["train_seconds"], images / last["train_seconds"]
+
+
+def equal_time_runs(seeds, epochs):
+    """CAT given the ViT's training time instead of its epochs (after both finished at equal epochs)."""
+    plan = {}
+    for seed in seeds:
+        if finished(f"cat-tiny-s{seed}") and finished(f"vit-tiny-s{seed}"):
+            ratio = training(f"vit-tiny-s{seed}")[0] / training(f"cat-tiny-s{seed}")[0]
+            plan[f"cat-tiny-time-s{seed}"] = ["--model", "cat-tiny", "--seed", str(seed), "--epochs",
+                                              str(round(epochs * ratio))]
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def top1(name, res=64):
+    result = finished(name)
+    return next(r["top1"] for r in result["rows"] if r["res"] == res) if result else None
+
+
+def cell(values):
+    """'mean (a, b)' over seeds, or '-' if none finished."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return f"{mean:.1f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
+
+
+def report(seeds, epochs):
+    lines = [f"tiny-imagenet-20, 64 px, {epochs} epochs, val top-1 % (seeds {', '.join(map(str, seeds))}: "
+             f"mean (each))", ""]
+    lines += ["| model | top-1 @ equal epochs | train img/s | train time (s) | top-1 @ ViT's time |",
+              "| --- | --- | --- | --- | --- |"]
+    for name in ["cat-tiny", "vit-tiny", "performer-tiny", "cat-ref-tiny"]:
+        done = [f"{name}-s{s}" for s in seeds if finished(f"{name}-s{s}")]
+        seconds, speed = zip(*map(training, done)) if done else ((), ())
+        equal = cell([top1(f"cat-tiny-time-s{s}") for s in seeds]) if name == "cat-tiny" else "-"
+        lines.append(f"| {name} | {cell([top1(n) for n in done])} | {cell(speed)} | {cell(seconds)} | {equal} |")
+    lines += ["", "| imprint (Table 4 row) | top-1 |", "| --- | --- |"]
+    rows = {"none": "Baseline Cross-Axis", "constant": "w/ Embedding Imprint", "tanh_decay": "w/ Tanh Residual",
+            "tanh_grow": "w/ Backwards Tanh Residual"}
+    for mode, row in rows.items():
+        name = "cat-tiny-s0" if mode == "constant" else f"cat-imprint-{mode}"
+        lines.append(f"| `{mode}` ({row}) | {cell([top1(name)])} |")
+    lines += ["", "| position | CAT 64 | CAT 96 | CAT 128 | ViT 64 | ViT 96 | ViT 128 |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for pos in POSITIONS:
+        names = [f"{family}-tiny-s0" if pos == default else f"{family}-pos-{pos.replace('+', '-')}"
+                 for family, default in [("cat", "cat"), ("vit", "ape")]]
+        lines.append(f"| `{pos}` | " + " | ".join(cell([top1(n, r)]) for n in names for r in EVAL_RES) + " |")
+    lines += ["", "| axis (cat rotary) | tiny-imagenet-20 top-1 |", "| --- | --- |",
+              f"| `alternate` | {cell([top1('cat-tiny-s0')])} |", f"| `row` | {cell([top1('cat-axis-row')])} |"]
+    return "\n".join(lines)
+
+
+def plot(path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (family, default) in zip(axes, [("cat", "cat"), ("vit", "ape")]):
+        for pos in POSITIONS:
+            name = f"{family}-tiny-s0" if pos == default else f"{family}-pos-{pos.replace('+', '-')}"
+            values = [top1(name, r) for r in EVAL_RES]
+            if None not in values:
+                ax.plot(EVAL_RES, values, "o-", label=pos)
+        ax.set(title=f"{family}-tiny, trained at 64 px", xlabel="evaluation resolution (px)", xticks=EVAL_RES)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("tiny-imagenet-20 val top-1 (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "tiny-imagenet-20"))
+    parser.add_argument("--tables", nargs="+", default=["families", "imprint", "positions", "axis"],
+                        choices=["families", "imprint", "positions", "axis"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the families table")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--report", action="store_true", help="only print the tables of finished runs")
+    parser.add_argument("--plot", default=os.path.join("assets", "positions_resolution.png"))
+    args = parser.parse_args()
+    if not args.report:
+        plan = runs(args.tables, args.seeds)
+        for name, flags in plan.items():
+            if not finished(name):
+                run(name, flags, args)
+        if "families" in args.tables:
+            for name, flags in equal_time_runs(args.seeds, args.epochs).items():
+                if not finished(name):
+                    run(name, flags, args)
+    print(report(args.seeds, args.epochs))
+    plot(args.plot)
+
+
+if __name__ == "__main__":
+    main()
