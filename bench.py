@@ -1,7 +1,6 @@
 """Speed, memory and FLOPs of CAT against the ViT and Performer baselines (SPEC 8).
 
-    python bench.py                                        # CPU: paper-size models, 224/384/768 px, batch 1
-    python bench.py --device cuda --amp --compile --batch-size 32 --iters 20
+    python bench.py                  # paper-size models at 224/384/768 px; CPU: batch 1; CUDA: bf16 + compile, batch 32
     python bench.py --smoke                                # seconds: tiny models, small images
 
 The models are timed in turn inside each round (interleaved), so a slow patch of the machine hits them all
@@ -31,15 +30,18 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cat-paper", "vit-paper", "performer-paper"],
                         choices=sorted(PRESETS), help="the first is compared with `vit-paper` (or the second)")
-    parser.add_argument("--res", type=int, nargs="+", default=[224, 384, 768])
+    parser.add_argument("--res", type=int, nargs="+", default=[224, 384, 768], help="square resolutions (default 224 384 768)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 1 on CPU, 32 on CUDA")
     parser.add_argument("--iters", type=int, default=None, help="least timed rounds (default: 2 on CPU, 20 on CUDA)")
     parser.add_argument("--min-seconds", type=float, default=None, help="more rounds (up to 100) until every model "
                         "has this much timed training (default: 10 on CPU, 2 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on with CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile each model (default: on with CUDA)")
     parser.add_argument("--crossover-widths", type=int, nargs="*", default=[8, 16, 32, 64, 96, 128, 192],
                         help="grid widths for the quadratic/linear timing (none: skip it)")
     parser.add_argument("--timm", action="store_true", help="add timm's ViT of the vit-paper size, if installed")
@@ -58,6 +60,8 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (1 if cpu else 32)
     args.iters = args.iters or (2 if cpu else 20)
     args.min_seconds = (10 if cpu else 2) if args.min_seconds is None else args.min_seconds
+    args.amp = not cpu if args.amp is None else args.amp
+    args.compile = not cpu if args.compile is None else args.compile
     for res in args.res:
         for name in args.models:
             if res % PRESETS[name].patch:

@@ -16,36 +16,49 @@ import sys
 import time
 
 OUT = os.path.join("runs", "experiments")
-RECIPE = ["--data", "imagefolder", "--res", "64", "--batch-size", "64", "--lr", "1e-3", "--warmup", "0.05",
+BATCH = 64
+RECIPE = ["--data", "imagefolder", "--res", "64", "--batch-size", str(BATCH), "--lr", "1e-3", "--warmup", "0.05",
           "--weight-decay", "0.05", "--label-smoothing", "0.1", "--crop-scale", "0.35", "--workers", "1",
           "--log-every", "50"]
 EVAL_RES = [64, 96, 128]
 CAT_REF_TINY = ["--model", "cat-tiny", "--pos", "cat_ref", "--axis", "row", "--imprint", "tanh_decay",
                 "--pool", "corner"]                                # the released code's behaviour at cat-tiny size
+SHAPES = ["--data", "shapes", "--model", "cat-tiny", "--epochs", "1", "--seed", "0"]   # train.py defaults, 1 epoch
+IMPRINTS = {"none": "Baseline Cross-Axis", "constant": "w/ Embedding Imprint",     # paper Table 4 rows
+            "tanh_decay": "w/ Tanh Residual", "tanh_grow": "w/ Backwards Tanh Residual"}
 POSITIONS = ["none", "ape", "cat", "axial", "mixed", "ape+axial", "ape+mixed"]
+
+
+def imprint_run(mode):
+    return "cat-tiny-s0" if mode == "constant" else f"cat-imprint-{mode}"      # constant: cat-tiny's own
+
+
+def position_run(family, pos):
+    own = {"cat": "cat", "vit": "ape"}[family]                                # the preset's own scheme
+    return f"{family}-tiny-s0" if pos == own else f"{family}-pos-{pos.replace('+', '-')}"
 
 
 def runs(tables, seeds):
     """{name: train.py flags} for the requested tables; runs shared between tables appear once."""
-    plan = {}
+    plan, other_seeds = {}, {}  # the other seeds of the families table run last: every table first, spread after
     if "families" in tables:
         for seed in seeds:
             for name, flags in [("cat-tiny", ["--model", "cat-tiny"]), ("vit-tiny", ["--model", "vit-tiny"]),
                                 ("performer-tiny", ["--model", "performer-tiny"]), ("cat-ref-tiny", CAT_REF_TINY)]:
-                plan[f"{name}-s{seed}"] = [*flags, "--seed", str(seed)]
+                (other_seeds if seed != seeds[0] else plan)[f"{name}-s{seed}"] = [*flags, "--seed", str(seed)]
     if "imprint" in tables:
-        for mode in ["none", "constant", "tanh_decay", "tanh_grow"]:
-            plan["cat-tiny-s0" if mode == "constant" else f"cat-imprint-{mode}"] = [
-                "--model", "cat-tiny", "--imprint", mode, "--seed", "0"]
+        for mode in IMPRINTS:
+            plan[imprint_run(mode)] = ["--model", "cat-tiny", "--imprint", mode, "--seed", "0"]
     if "positions" in tables:
-        for family, default in [("cat", "cat"), ("vit", "ape")]:
+        for family in ["cat", "vit"]:
             for pos in POSITIONS:
-                name = f"{family}-tiny-s0" if pos == default else f"{family}-pos-{pos.replace('+', '-')}"
-                plan[name] = ["--model", f"{family}-tiny", "--pos", pos, "--seed", "0"]
+                plan[position_run(family, pos)] = ["--model", f"{family}-tiny", "--pos", pos, "--seed", "0"]
     if "axis" in tables:
         plan["cat-tiny-s0"] = ["--model", "cat-tiny", "--seed", "0"]
         plan["cat-axis-row"] = ["--model", "cat-tiny", "--axis", "row", "--seed", "0"]
-    return plan
+        for axis in ["alternate", "row"]:                  # the built-in shapes data: its label needs both axes
+            plan[f"shapes-axis-{axis}"] = [*SHAPES, "--axis", axis]
+    return {**plan, **other_seeds}
 
 
 def finished(name):
@@ -53,18 +66,24 @@ def finished(name):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def train_arguments(flags, out, data_dir, epochs):
+    """train.py's arguments for one run: the shared recipe (not for shapes), the run's own flags, its folder."""
+    recipe = [] if flags[:2] == SHAPES[:2] else [*RECIPE, "--data-dir", data_dir, "--epochs", str(epochs)]
+    return [*recipe, *flags, "--out-dir", out]
+
+
 def run(name, flags, args):
     """Train (resuming if a checkpoint exists) and evaluate at EVAL_RES; the evaluation marks it finished."""
     out = os.path.join(OUT, name)
-    command = [sys.executable, "train.py", *RECIPE, "--data-dir", args.data_dir, "--epochs", str(args.epochs),
-               *flags, "--out-dir", out]
+    shapes = flags[:2] == SHAPES[:2]
+    command = [sys.executable, "train.py", *train_arguments(flags, out, args.data_dir, args.epochs)]
     if os.path.exists(os.path.join(out, "ckpt.pt")):
         command.append("--resume")
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    resolutions = [] if shapes else ["--res", *map(str, EVAL_RES)]   # shapes: its training resolution only
     subprocess.run([sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--workers", "1",
-                    "--res", *map(str, EVAL_RES), "--json", os.path.join(out, "eval.json")], check=True,
-                   stdout=subprocess.DEVNULL)
+                    *resolutions, "--json", os.path.join(out, "eval.json")], check=True, stdout=subprocess.DEVNULL)
 
 
 def training(name):
@@ -81,9 +100,11 @@ def equal_time_runs(seeds, epochs):
     plan = {}
     for seed in seeds:
         if finished(f"cat-tiny-s{seed}") and finished(f"vit-tiny-s{seed}"):
-            ratio = training(f"vit-tiny-s{seed}")[0] / training(f"cat-tiny-s{seed}")[0]
+            vit_seconds, _ = training(f"vit-tiny-s{seed}")
+            _, cat_speed = training(f"cat-tiny-s{seed}")
+            steps = round(vit_seconds * cat_speed / BATCH)
             plan[f"cat-tiny-time-s{seed}"] = ["--model", "cat-tiny", "--seed", str(seed), "--epochs",
-                                              str(round(epochs * ratio))]
+                                              str(2 * epochs), "--max-steps", str(steps)]
     return plan
 
 
@@ -114,19 +135,16 @@ def report(seeds, epochs):
         equal = cell([top1(f"cat-tiny-time-s{s}") for s in seeds]) if name == "cat-tiny" else "-"
         lines.append(f"| {name} | {cell([top1(n) for n in done])} | {cell(speed)} | {cell(seconds)} | {equal} |")
     lines += ["", "| imprint (Table 4 row) | top-1 |", "| --- | --- |"]
-    rows = {"none": "Baseline Cross-Axis", "constant": "w/ Embedding Imprint", "tanh_decay": "w/ Tanh Residual",
-            "tanh_grow": "w/ Backwards Tanh Residual"}
-    for mode, row in rows.items():
-        name = "cat-tiny-s0" if mode == "constant" else f"cat-imprint-{mode}"
-        lines.append(f"| `{mode}` ({row}) | {cell([top1(name)])} |")
+    for mode, row in IMPRINTS.items():
+        lines.append(f"| `{mode}` ({row}) | {cell([top1(imprint_run(mode))])} |")
     lines += ["", "| position | CAT 64 | CAT 96 | CAT 128 | ViT 64 | ViT 96 | ViT 128 |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for pos in POSITIONS:
-        names = [f"{family}-tiny-s0" if pos == default else f"{family}-pos-{pos.replace('+', '-')}"
-                 for family, default in [("cat", "cat"), ("vit", "ape")]]
+        names = [position_run(family, pos) for family in ["cat", "vit"]]
         lines.append(f"| `{pos}` | " + " | ".join(cell([top1(n, r)]) for n in names for r in EVAL_RES) + " |")
-    lines += ["", "| axis (cat rotary) | tiny-imagenet-20 top-1 |", "| --- | --- |",
-              f"| `alternate` | {cell([top1('cat-tiny-s0')])} |", f"| `row` | {cell([top1('cat-axis-row')])} |"]
+    lines += ["", "| axis (cat rotary) | tiny-imagenet-20 top-1 | shapes top-1 (1 epoch) |", "| --- | --- | --- |",
+              f"| `alternate` | {cell([top1('cat-tiny-s0')])} | {cell([top1('shapes-axis-alternate')])} |",
+              f"| `row` | {cell([top1('cat-axis-row')])} | {cell([top1('shapes-axis-row')])} |"]
     return "\n".join(lines)
 
 
@@ -139,10 +157,9 @@ def plot(path):
         print("matplotlib is not installed: no plot")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, (family, default) in zip(axes, [("cat", "cat"), ("vit", "ape")]):
+    for ax, family in zip(axes, ["cat", "vit"]):
         for pos in POSITIONS:
-            name = f"{family}-tiny-s0" if pos == default else f"{family}-pos-{pos.replace('+', '-')}"
-            values = [top1(name, r) for r in EVAL_RES]
+            values = [top1(position_run(family, pos), r) for r in EVAL_RES]
             if None not in values:
                 ax.plot(EVAL_RES, values, "o-", label=pos)
         ax.set(title=f"{family}-tiny, trained at 64 px", xlabel="evaluation resolution (px)", xticks=EVAL_RES)
@@ -156,23 +173,24 @@ def plot(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "tiny-imagenet-20"))
+    parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "tiny-imagenet-20"),
+                        help="an imagefolder tree (default ../shared/data/tiny-imagenet-20)")
     parser.add_argument("--tables", nargs="+", default=["families", "imprint", "positions", "axis"],
-                        choices=["families", "imprint", "positions", "axis"])
+                        choices=["families", "imprint", "positions", "axis"], help="default: all four")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the families table")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10, help="the budget of every tiny-imagenet run (default 10)")
     parser.add_argument("--report", action="store_true", help="only print the tables of finished runs")
-    parser.add_argument("--plot", default=os.path.join("assets", "positions_resolution.png"))
+    parser.add_argument("--plot", default=os.path.join("assets", "positions_resolution.png"),
+                        help="PNG of top-1 against evaluation resolution per positional scheme (needs matplotlib)")
     args = parser.parse_args()
     if not args.report:
-        plan = runs(args.tables, args.seeds)
-        for name, flags in plan.items():
-            if not finished(name):
-                run(name, flags, args)
-        if "families" in args.tables:
-            for name, flags in equal_time_runs(args.seeds, args.epochs).items():
-                if not finished(name):
-                    run(name, flags, args)
+        while True:             # an equal-time run goes first as soon as its two runs have finished
+            todo = {**(equal_time_runs(args.seeds, args.epochs) if "families" in args.tables else {}),
+                    **runs(args.tables, args.seeds)}
+            name = next((name for name in todo if not finished(name)), None)
+            if name is None:
+                break
+            run(name, todo[name], args)
     print(report(args.seeds, args.epochs))
     plot(args.plot)
 

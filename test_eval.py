@@ -1,4 +1,4 @@
-"""eval.py on a checkpoint trained here, its refusals, and bench.py's smoke mode."""
+"""eval.py on a checkpoint trained here, its refusals, bench.py's smoke mode and experiments.py's plan."""
 import json
 import os
 import subprocess
@@ -10,6 +10,7 @@ import torch
 
 import bench
 import eval as evaluate_script
+import experiments
 import train
 
 REPO = Path(__file__).parent
@@ -113,3 +114,16 @@ def test_bench_smoke(tmp_path):
 def test_bench_refuses_a_resolution_off_the_patch_grid():
     with pytest.raises(SystemExit):
         bench.main(["--res", "100"])
+
+
+def test_every_experiment_is_a_valid_train_command():
+    """The sweep takes hours: a typo in one of its runs must fail here, not in the middle of it."""
+    plan = experiments.runs(["families", "imprint", "positions", "axis"], seeds=[0, 1])
+    assert len(plan) == 8 + 3 + 12 + 1 + 2              # runs shared between tables are counted once
+    assert list(plan)[-1] == "cat-ref-tiny-s1"           # the second seeds run after every table
+    for name, flags in plan.items():
+        args, _ = train.parse_args(experiments.train_arguments(flags, f"out/{name}", "tiny-imagenet-20", 3))
+        assert args.out_dir == f"out/{name}"
+        assert args.data == ("shapes" if name.startswith("shapes") else "imagefolder")
+    assert train.parse_args(experiments.train_arguments(plan["vit-pos-ape-mixed"], "o", "d", 3))[0].pos == "ape+mixed"
+    assert train.parse_args(experiments.train_arguments(plan["cat-imprint-none"], "o", "d", 3))[0].imprint == "none"
