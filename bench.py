@@ -10,7 +10,6 @@ device peak is known); then the CAT/ViT speed ratios, the exponent of cost again
 quadratic/linear crossover of the cross-axis product.
 """
 import argparse
-import ctypes
 import json
 import math
 import statistics
@@ -22,32 +21,31 @@ import torch
 import torch.nn.functional as F
 
 from model import CAT, LINEAR_ABOVE, PRESETS, count_flops, cross_axis_attention
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}    # bf16 dense
+from train import PEAK_FLOPS, keep_freed_memory, non_negative_int, positive_int
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cat-paper", "vit-paper", "performer-paper"],
                         choices=sorted(PRESETS), help="the first is compared with `vit-paper` (or the second)")
-    parser.add_argument("--res", type=int, nargs="+", default=[224, 384, 768], help="square resolutions (default 224 384 768)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 1 on CPU, 32 on CUDA")
-    parser.add_argument("--iters", type=int, default=None, help="least timed rounds (default: 2 on CPU, 20 on CUDA)")
+    parser.add_argument("--res", type=positive_int, nargs="+", default=[224, 384, 768], help="square resolutions (default 224 384 768)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 1 on CPU, 32 on CUDA")
+    parser.add_argument("--iters", type=positive_int, default=None, help="least timed rounds (default: 2 on CPU, 20 on CUDA)")
     parser.add_argument("--min-seconds", type=float, default=None, help="more rounds (up to 100) until every model "
                         "has this much timed training (default: 10 on CPU, 2 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda when available")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on with CUDA)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile each model (default: on with CUDA)")
-    parser.add_argument("--crossover-widths", type=int, nargs="*", default=[8, 16, 32, 64, 96, 128, 192],
+    parser.add_argument("--crossover-widths", type=positive_int, nargs="*", default=[8, 16, 32, 64, 96, 128, 192],
                         help="grid widths for the quadratic/linear timing (none: skip it)")
     parser.add_argument("--timm", action="store_true", help="add timm's ViT of the vit-paper size, if installed")
     parser.add_argument("--smoke", action="store_true", help="tiny models at 32/64 px, one round: seconds")
     parser.add_argument("--os-allocator", action="store_true", help="CPU: leave glibc returning freed memory to "
-                        "the OS (default: keep it, see keep_freed_memory)")
+                        "the OS (default: keep it, see train.keep_freed_memory)")
     parser.add_argument("--json", default=None, help="write all results to this file")
     parser.add_argument("--plot", default=None, help="PNG of images/s and memory against resolution "
                         "(needs matplotlib; skipped without it)")
@@ -67,19 +65,6 @@ def parse_args(argv=None):
             if res % PRESETS[name].patch:
                 parser.error(f"--res {res} is not divisible by the patch size {PRESETS[name].patch} of {name}")
     return args
-
-
-def keep_freed_memory():
-    """On glibc, stop handing large freed blocks back to the OS. By default every block over 32 MiB is
-    mmap-ed and unmapped again, so each step page-faults all its activations back in (a 768 px step spends
-    a third of a second per GiB in the kernel). That tax falls hardest on the model that computes least per
-    byte, so the harness removes it for every model alike. Returns whether it could."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                      # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def synchronize(device):

@@ -44,7 +44,7 @@ SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 SHAPES_CLASSES = [f"{size} red {relation} {SIZES[1 - s]} blue"
                   for s, size in enumerate(SIZES) for relation in RELATIONS]
-SHAPES_SIZES = {"train": 20000, "val": 2000}
+SHAPES_SIZES = {"train": 16000, "val": 2000}
 SIZE_RANGES = {"small": (0.14, 0.20), "large": (0.28, 0.36)}  # side / diameter as a fraction of the image side
 OUTLINES = ("disc", "square")
 SHAPE_GAP = 0.04                 # least empty space between the two shapes along the relation's axis
@@ -322,7 +322,7 @@ def build_dataset(name, root, split, res, *, train_aug=None, download=False, str
                   shapes_size=None, seed=0):
     """-> dataset of (image (3, res, res) normalised float, label, skipped) with `.classes` and `.set_epoch`.
     train_aug: an AugConfig for the training transform; None gives the eval transform (`shapes` ignores it and
-    only normalises). shapes_size: length of this split of `shapes` (default 20000 train, 2000 val)."""
+    only normalises). shapes_size: length of this split of `shapes` (default: SHAPES_SIZES)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:

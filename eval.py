@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 import data
 from model import PRESETS, config_from_dict, count_flops
-from train import (MODEL_HELP, CheckpointError, add_model_flags, evaluate, load_checkpoint, model_from_checkpoint,
-                   positive_int, setup_distributed)
+from train import (MODEL_HELP, CheckpointError, add_model_flags, evaluate, keep_freed_memory, load_checkpoint,
+                   model_from_checkpoint, non_negative_int, positive_int, setup_distributed)
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "cat-tiny-shapes", "ckpt.pt")   # where the default run writes
 
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=None, help="default: the checkpoint's")
     parser.add_argument("--strict-images", action="store_true", help="stop at an unreadable image")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default 128)")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 on CUDA, 1 on CPU)")
+    parser.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: 4 on CUDA, 1 on CPU)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use the EMA weights when the checkpoint has them (default: yes)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -76,6 +76,8 @@ def main(argv=None):
 
     rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
+    if not cuda:
+        keep_freed_memory()
     amp = cuda if args.amp is None else args.amp
     workers = args.workers if args.workers is not None else (4 if cuda else 1)
     model.to(device)

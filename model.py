@@ -105,8 +105,8 @@ PRESETS = {
 # The cross-axis operation (SPEC 2)
 
 # `auto` uses the linear form for grids wider than this times the head dim. Measured with bench.py on 2 CPU
-# cores, fwd+bwd, 8 heads of dim 128: quadratic faster at W = 128 (153 vs 176 ms), linear at W = 192
-# (449 vs 531 ms) (assets/bench_cpu.json); the crossover lies between 1 d and 1.5 d.
+# cores, fwd+bwd, 8 heads of dim 128: quadratic faster at W = 128 (236 vs 271 ms), linear at W = 192
+# (564 vs 1029 ms) (assets/bench_cpu.json); the crossover lies between 1 d and 1.5 d.
 LINEAR_ABOVE = 1.4
 
 def cross_axis_attention(q, k, v, form="auto", mid_norm=False):

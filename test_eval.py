@@ -111,9 +111,13 @@ def test_bench_smoke(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["rows"]
 
 
-def test_bench_refuses_a_resolution_off_the_patch_grid():
+@pytest.mark.parametrize("args,message", [(["--res", "100"], "not divisible by the patch size 8"),
+                                          (["--res", "0"], "must be a positive integer"),
+                                          (["--batch-size", "-1"], "must be a positive integer")])
+def test_bench_refuses_bad_sizes(args, message, capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--res", "100"])
+        bench.main(args)
+    assert message in capsys.readouterr().err
 
 
 def test_every_experiment_is_a_valid_train_command():

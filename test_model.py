@@ -247,6 +247,23 @@ def test_model_runs_under_bf16_autocast():
         assert torch.isfinite(model(torch.randn(2, 3, 48, 32)).float()).all()
 
 
+def test_compiled_model_matches_eager():
+    """torch.compile takes other code paths (real-form rotation, angles computed in the graph): same numbers.
+    The one compiled test of the suite (~20 s on 2 CPU cores)."""
+    torch.manual_seed(0)
+    model = CAT(small(pos="cat", pool="cls"))
+    images = torch.randn(2, 3, 32, 40)
+    eager = model(images)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model)(images)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for p, grad in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, grad, rtol=1e-3, atol=1e-5)
+
+
 def test_ape_is_resized_for_other_grids():
     ape = rope2d.AbsolutePosition(8, (4, 4))
     zeros = torch.zeros(1, 4, 4, 8)

@@ -210,6 +210,7 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")     # the hostile file is a plain pickle
 def test_malicious_pickle_is_refused_without_running(tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"format": train.CHECKPOINT_FORMAT, "model": RunsCode(marker)}, path)
@@ -252,6 +253,8 @@ def test_truncated_foreign_and_missing_checkpoints_fail_clearly(tmp_path):
     (["--dim", "-64"], "must be a positive integer"),
     (["--dim", "30", "--heads", "4"], "dim (30) must be divisible by heads (4)"),
     (["--lr", "-1"], "must be >= 0"),
+    (["--workers", "-1"], "must be >= 0"),
+    (["--eval-every", "-5"], "must be >= 0"),
     (["--shapes-size", "20", "--batch-size", "16", "--accum", "2"], "more than the 20 training images"),
     (["--data", "imagefolder", "--data-dir", "/nonexistent/imagenet"], "/nonexistent/imagenet does not exist"),
 ])
