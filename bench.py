@@ -28,9 +28,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cat-paper", "vit-paper", "performer-paper"],
                         choices=sorted(PRESETS), help="the first is compared with `vit-paper` (or the second)")
-    parser.add_argument("--res", type=positive_int, nargs="+", default=[224, 384, 768], help="square resolutions (default 224 384 768)")
+    parser.add_argument("--res", type=positive_int, nargs="+", default=[224, 384, 768],
+                        help="square resolutions (default 224 384 768)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 1 on CPU, 32 on CUDA")
-    parser.add_argument("--iters", type=positive_int, default=None, help="least timed rounds (default: 2 on CPU, 20 on CUDA)")
+    parser.add_argument("--iters", type=positive_int, default=None,
+                        help="least timed rounds (default: 2 on CPU, 20 on CUDA)")
     parser.add_argument("--min-seconds", type=float, default=None, help="more rounds (up to 100) until every model "
                         "has this much timed training (default: 10 on CPU, 2 on CUDA)")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
@@ -237,7 +239,8 @@ def main(argv=None):
     if args.device == "cpu" and not args.os_allocator:
         where += ", freed memory kept" if keep_freed_memory() else ""
     print(f"bench on {where}, batch {args.batch_size}, median of >= {args.iters} timed round(s) (and >= "
-          f"{args.min_seconds:g} s) after {args.warmup}, amp={args.amp}, compile={args.compile}, torch {torch.__version__}")
+          f"{args.min_seconds:g} s) after {args.warmup}, amp={args.amp}, compile={args.compile}, "
+          f"torch {torch.__version__}")
     print(HEADER)
     rows = benchmark(args)
     fast = args.models[0]

@@ -33,7 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=None, help="default: the checkpoint's")
     parser.add_argument("--strict-images", action="store_true", help="stop at an unreadable image")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default 128)")
-    parser.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: 4 on CUDA, 1 on CPU)")
+    parser.add_argument("--workers", type=non_negative_int, default=None,
+                        help="DataLoader workers (default: 4 on CUDA, 1 on CPU)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use the EMA weights when the checkpoint has them (default: yes)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,

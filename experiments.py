@@ -30,15 +30,18 @@ SHAPES = ["--data", "shapes", "--model", "cat-tiny", "--epochs", "1", "--seed", 
 IMPRINTS = {"none": "Baseline Cross-Axis", "constant": "w/ Embedding Imprint",     # paper Table 4 rows
             "tanh_decay": "w/ Tanh Residual", "tanh_grow": "w/ Backwards Tanh Residual"}
 POSITIONS = ["none", "ape", "cat", "axial", "mixed", "ape+axial", "ape+mixed"]
+CAT_DEFAULT_CANDIDATES = ["axial", "mixed"]    # the rotaries closest to cat-tiny's own `cat`: on every seed
 
 
 def imprint_run(mode):
     return "cat-tiny-s0" if mode == "constant" else f"cat-imprint-{mode}"      # constant: cat-tiny's own
 
 
-def position_run(family, pos):
+def position_run(family, pos, seed=0):
     own = {"cat": "cat", "vit": "ape"}[family]                                # the preset's own scheme
-    return f"{family}-tiny-s0" if pos == own else f"{family}-pos-{pos.replace('+', '-')}"
+    if pos == own:
+        return f"{family}-tiny-s{seed}"
+    return f"{family}-pos-{pos.replace('+', '-')}" + (f"-s{seed}" if seed else "")
 
 
 def runs(tables, seeds):
@@ -56,6 +59,9 @@ def runs(tables, seeds):
         for family in ["cat", "vit"]:
             for pos in POSITIONS:
                 plan[position_run(family, pos)] = ["--model", f"{family}-tiny", "--pos", pos, "--seed", "0"]
+        for seed in seeds[1:]:
+            for pos in ["cat", *CAT_DEFAULT_CANDIDATES]:
+                other_seeds[position_run("cat", pos, seed)] = ["--model", "cat-tiny", "--pos", pos, "--seed", str(seed)]
     if "axis" in tables:
         plan["cat-tiny-s0"] = ["--model", "cat-tiny", "--seed", "0"]
         plan["cat-axis-row"] = ["--model", "cat-tiny", "--axis", "row", "--seed", "0"]
@@ -146,8 +152,8 @@ def report(seeds, epochs):
     lines += ["", "| position | CAT 64 | CAT 96 | CAT 128 | ViT 64 | ViT 96 | ViT 128 |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for pos in POSITIONS:
-        names = [position_run(family, pos) for family in ["cat", "vit"]]
-        lines.append(f"| `{pos}` | " + " | ".join(cell([top1(n, r)]) for n in names for r in EVAL_RES) + " |")
+        lines.append(f"| `{pos}` | " + " | ".join(cell([top1(position_run(family, pos, s), r) for s in seeds])
+                                                  for family in ["cat", "vit"] for r in EVAL_RES) + " |")
     lines += ["", "| axis (cat rotary) | tiny-imagenet-20 top-1 | shapes top-1 (1 epoch) |", "| --- | --- | --- |",
               f"| `alternate` | {cell([top1('cat-tiny-s0')])} | {cell([top1('shapes-axis-alternate')])} |",
               f"| `row` | {cell([top1('cat-axis-row')])} | {cell([top1('shapes-axis-row')])} |"]
@@ -179,7 +185,7 @@ def plot(path):
             values = [top1(position_run(family, pos), r) for r in EVAL_RES]
             if None not in values:
                 ax.plot(EVAL_RES, values, "o-", label=pos)
-        ax.set(title=f"{family}-tiny, trained at 64 px", xlabel="evaluation resolution (px)", xticks=EVAL_RES)
+        ax.set(title=f"{family}-tiny, trained at 64 px (seed 0)", xlabel="evaluation resolution (px)", xticks=EVAL_RES)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("tiny-imagenet-20 val top-1 (%)")
@@ -195,10 +201,12 @@ def main():
     parser.add_argument("--tables", nargs="+", default=["families", "imprint", "positions", "axis"],
                         choices=["families", "imprint", "positions", "axis"], help="default: all four")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the families table")
-    parser.add_argument("--epochs", type=positive_int, default=3, help="the budget of every tiny-imagenet run (default 3)")
+    parser.add_argument("--epochs", type=positive_int, default=3,
+                        help="the budget of every tiny-imagenet run (default 3)")
     parser.add_argument("--report", action="store_true", help="only print the tables of finished runs")
     parser.add_argument("--plot", default=os.path.join("assets", "positions_resolution.png"),
-                        help="PNG of top-1 against evaluation resolution per positional scheme (needs matplotlib)")
+                        help="PNG of top-1 against evaluation resolution per positional scheme "
+                             "(needs matplotlib; '': none)")
     parser.add_argument("--json", default=os.path.join("assets", "experiments.json"),
                         help="write every finished run's flags, training time and evaluation here ('': don't)")
     args = parser.parse_args()
@@ -211,7 +219,8 @@ def main():
                 break
             run(name, todo[name], args)
     print(report(args.seeds, args.epochs))
-    plot(args.plot)
+    if args.plot:
+        plot(args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw_results({**equal_time_runs(args.seeds, args.epochs), **runs(args.tables, args.seeds)}),

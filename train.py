@@ -90,7 +90,8 @@ def add_model_flags(parser):
         if f.type in (bool, "bool"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=MODEL_HELP[f.name])
         else:
-            kind = positive_int if isinstance(f.default, int) else non_negative_float if isinstance(f.default, float) else str
+            kind = (positive_int if isinstance(f.default, int) else
+                    non_negative_float if isinstance(f.default, float) else str)
             group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=MODEL_HELP[f.name])
 
 
