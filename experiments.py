@@ -1,13 +1,14 @@
 """The README's real-data results: CAT vs ViT vs Performer, and the CAT paper's ablations, on tiny-imagenet-20.
 
-    python experiments.py --data-dir ../shared/data/tiny-imagenet-20        # every table: 1 h 50 min on 2 CPU cores
+    python experiments.py --data-dir ../shared/data/tiny-imagenet-20        # every table: about 3 h on 2 CPU cores
     python experiments.py --data-dir ... --tables families                  # one table
     python experiments.py --report                                          # the tables from finished runs
 
-Each run is `python train.py ...` then `python eval.py --res 64 96 128` into runs/experiments/NAME. Finished runs
-are skipped and an interrupted one resumes, so the sweep can be stopped and started again at any time. Every
-model gets the same recipe (below) at 64 px; --epochs sets the budget (default 3, as in the README; the paper's
-Table 4 used 10 on ImageNet, and the time grows in proportion).
+Each run is `python train.py ...` then `python eval.py --res 64 96 128` (also 192 and 256 for the rotaries that
+could be cat-tiny's default) into runs/experiments/NAME. Finished runs are skipped and an interrupted one resumes,
+so the sweep can be stopped and started again at any time. Every model gets the same recipe (below) at 64 px;
+--epochs sets the budget (default 3, as in the README; the paper's Table 4 used 10 on ImageNet, and the time
+grows in proportion).
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ RECIPE = ["--data", "imagefolder", "--res", "64", "--batch-size", str(BATCH), "-
           "--weight-decay", "0.05", "--label-smoothing", "0.1", "--crop-scale", "0.35", "--workers", "1",
           "--log-every", "50"]
 EVAL_RES = [64, 96, 128]
+FAR_RES = [192, 256]                             # 3x and 4x: only for cat-tiny's candidate rotaries (slow on CPU)
 CAT_REF_TINY = ["--model", "cat-tiny", "--pos", "cat_ref", "--axis", "row", "--imprint", "tanh_decay",
                 "--pool", "corner"]                                # the released code's behaviour at cat-tiny size
 SHAPES = ["--data", "shapes", "--model", "cat-tiny", "--epochs", "1", "--seed", "0"]   # train.py defaults, 1 epoch
@@ -52,6 +54,8 @@ def runs(tables, seeds):
             for name, flags in [("cat-tiny", ["--model", "cat-tiny"]), ("vit-tiny", ["--model", "vit-tiny"]),
                                 ("performer-tiny", ["--model", "performer-tiny"]), ("cat-ref-tiny", CAT_REF_TINY)]:
                 (other_seeds if seed != seeds[0] else plan)[f"{name}-s{seed}"] = [*flags, "--seed", str(seed)]
+        # the ViT with CAT's FFN width (D instead of 4D): attention against attention, one seed
+        plan[f"vit-tiny-mlp1-s{seeds[0]}"] = ["--model", "vit-tiny", "--mlp-ratio", "1", "--seed", str(seeds[0])]
     if "imprint" in tables:
         for mode in IMPRINTS:
             plan[imprint_run(mode)] = ["--model", "cat-tiny", "--imprint", mode, "--seed", "0"]
@@ -70,12 +74,23 @@ def runs(tables, seeds):
     return {**plan, **other_seeds}
 
 
-def finished(name):
+def resolutions(name, flags, seeds):
+    """Where a run is evaluated: [] (its training resolution) for shapes, EVAL_RES, and FAR_RES on top for the
+    rotaries that could be cat-tiny's default."""
+    if flags[:2] == SHAPES[:2]:
+        return []
+    candidates = {position_run("cat", pos, seed) for pos in ["cat", *CAT_DEFAULT_CANDIDATES] for seed in seeds}
+    return EVAL_RES + FAR_RES if name in candidates else EVAL_RES
+
+
+def finished(name, res=()):
+    """The run's evaluation (eval.json), or None if it has none yet or lacks one of the resolutions `res`."""
     path = os.path.join(OUT, name, "eval.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        result = json.load(f)
+    return result if set(res) <= {row["res"] for row in result["rows"]} else None
 
 
 def train_arguments(flags, out, data_dir, epochs):
@@ -84,18 +99,18 @@ def train_arguments(flags, out, data_dir, epochs):
     return [*recipe, *flags, "--out-dir", out]
 
 
-def run(name, flags, args):
-    """Train (resuming if a checkpoint exists) and evaluate at EVAL_RES; the evaluation marks it finished."""
+def run(name, flags, res, args):
+    """Train (resuming if a checkpoint exists; not at all if it was evaluated before) and evaluate at `res`; the
+    evaluation marks it finished."""
     out = os.path.join(OUT, name)
-    shapes = flags[:2] == SHAPES[:2]
-    command = [sys.executable, "train.py", *train_arguments(flags, out, args.data_dir, args.epochs)]
+    training = [sys.executable, "train.py", *train_arguments(flags, out, args.data_dir, args.epochs)]
     if os.path.exists(os.path.join(out, "ckpt.pt")):
-        command.append("--resume")
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    resolutions = [] if shapes else ["--res", *map(str, EVAL_RES)]   # shapes: its training resolution only
-    subprocess.run([sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--workers", "1",
-                    *resolutions, "--json", os.path.join(out, "eval.json")], check=True, stdout=subprocess.DEVNULL)
+        training.append("--resume")
+    evaluation = [sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--workers", "1",
+                  *(["--res", *map(str, res)] if res else []), "--json", os.path.join(out, "eval.json")]
+    for command in ([] if finished(name) else [training]) + [evaluation]:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def training(name):
@@ -123,7 +138,8 @@ def equal_time_runs(seeds, epochs):
 # ---------------------------------------------------------------------------------------------- report
 
 def top1(name, res=64):
-    result = finished(name)
+    """A run's top-1 at `res`, or None if it was not evaluated there."""
+    result = finished(name, [res])
     return next(r["top1"] for r in result["rows"] if r["res"] == res) if result else None
 
 
@@ -141,7 +157,7 @@ def report(seeds, epochs):
              f"mean (each))", ""]
     lines += ["| model | top-1 @ equal epochs | train img/s | train time (s) | top-1 @ ViT's time |",
               "| --- | --- | --- | --- | --- |"]
-    for name in ["cat-tiny", "vit-tiny", "performer-tiny", "cat-ref-tiny"]:
+    for name in ["cat-tiny", "vit-tiny", "vit-tiny-mlp1", "performer-tiny", "cat-ref-tiny"]:
         done = [f"{name}-s{s}" for s in seeds if finished(f"{name}-s{s}")]
         seconds, speed = zip(*map(training, done)) if done else ((), ())
         equal = cell([top1(f"cat-tiny-time-s{s}") for s in seeds]) if name == "cat-tiny" else "-"
@@ -154,6 +170,11 @@ def report(seeds, epochs):
     for pos in POSITIONS:
         lines.append(f"| `{pos}` | " + " | ".join(cell([top1(position_run(family, pos, s), r) for s in seeds])
                                                   for family in ["cat", "vit"] for r in EVAL_RES) + " |")
+    lines += ["", "| cat-tiny rotary | " + " | ".join(f"{r} px" for r in EVAL_RES + FAR_RES) + " |",
+              "| --- " * (1 + len(EVAL_RES + FAR_RES)) + "|"]
+    for pos in ["cat", *CAT_DEFAULT_CANDIDATES]:
+        lines.append(f"| `{pos}` | " + " | ".join(cell([top1(position_run("cat", pos, s), r) for s in seeds])
+                                                  for r in EVAL_RES + FAR_RES) + " |")
     lines += ["", "| axis (cat rotary) | tiny-imagenet-20 top-1 | shapes top-1 (1 epoch) |", "| --- | --- | --- |",
               f"| `alternate` | {cell([top1('cat-tiny-s0')])} | {cell([top1('shapes-axis-alternate')])} |",
               f"| `row` | {cell([top1('cat-axis-row')])} | {cell([top1('shapes-axis-row')])} |"]
@@ -171,7 +192,7 @@ def raw_results(plan):
     return results
 
 
-def plot(path):
+def plot(path, seeds):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -179,16 +200,20 @@ def plot(path):
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     for ax, family in zip(axes, ["cat", "vit"]):
-        for pos in POSITIONS:
-            values = [top1(position_run(family, pos), r) for r in EVAL_RES]
-            if None not in values:
-                ax.plot(EVAL_RES, values, "o-", label=pos)
-        ax.set(title=f"{family}-tiny, trained at 64 px (seed 0)", xlabel="evaluation resolution (px)", xticks=EVAL_RES)
+        plotted = set()
+        for pos in POSITIONS:       # each point: the mean over the seeds that ran it
+            points = [(r, [v for v in (top1(position_run(family, pos, s), r) for s in seeds) if v is not None])
+                      for r in EVAL_RES + FAR_RES]
+            points = [(r, sum(values) / len(values)) for r, values in points if values]
+            if points:
+                ax.plot(*zip(*points), "o-", label=pos)
+                plotted.update(r for r, _ in points)
+        ax.set(title=f"{family}-tiny, trained at 64 px", xlabel="evaluation resolution (px)", xticks=sorted(plotted))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("tiny-imagenet-20 val top-1 (%)")
+    axes[0].set_ylabel("tiny-imagenet-20 val top-1 (%), mean over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
@@ -214,13 +239,14 @@ def main():
         while True:             # an equal-time run goes first as soon as its two runs have finished
             todo = {**(equal_time_runs(args.seeds, args.epochs) if "families" in args.tables else {}),
                     **runs(args.tables, args.seeds)}
-            name = next((name for name in todo if not finished(name)), None)
+            res = {name: resolutions(name, flags, args.seeds) for name, flags in todo.items()}
+            name = next((name for name in todo if not finished(name, res[name])), None)
             if name is None:
                 break
-            run(name, todo[name], args)
+            run(name, todo[name], res[name], args)
     print(report(args.seeds, args.epochs))
     if args.plot:
-        plot(args.plot)
+        plot(args.plot, args.seeds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw_results({**equal_time_runs(args.seeds, args.epochs), **runs(args.tables, args.seeds)}),

@@ -123,7 +123,7 @@ def test_bench_refuses_bad_sizes(args, message, capsys):
 def test_every_experiment_is_a_valid_train_command():
     """The sweep takes hours: a typo in one of its runs must fail here, not in the middle of it."""
     plan = experiments.runs(["families", "imprint", "positions", "axis"], seeds=[0, 1])
-    assert len(plan) == 8 + 3 + 12 + 2 + 1 + 2          # runs shared between tables are counted once
+    assert len(plan) == 8 + 1 + 3 + 12 + 2 + 1 + 2      # runs shared between tables are counted once
     assert list(plan)[-3:] == ["cat-ref-tiny-s1", "cat-pos-axial-s1", "cat-pos-mixed-s1"]  # second seeds last
     for name, flags in plan.items():
         args, _ = train.parse_args(experiments.train_arguments(flags, f"out/{name}", "tiny-imagenet-20", 3))
@@ -131,3 +131,7 @@ def test_every_experiment_is_a_valid_train_command():
         assert args.data == ("shapes" if name.startswith("shapes") else "imagefolder")
     assert train.parse_args(experiments.train_arguments(plan["vit-pos-ape-mixed"], "o", "d", 3))[0].pos == "ape+mixed"
     assert train.parse_args(experiments.train_arguments(plan["cat-imprint-none"], "o", "d", 3))[0].imprint == "none"
+    far = experiments.EVAL_RES + experiments.FAR_RES     # only cat-tiny's candidate rotaries go to 256 px
+    assert [experiments.resolutions(name, plan[name], [0, 1]) for name in
+            ["cat-tiny-s1", "cat-pos-mixed", "cat-pos-none", "vit-pos-mixed", "shapes-axis-row"]] == \
+        [far, far, experiments.EVAL_RES, experiments.EVAL_RES, []]
