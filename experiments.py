@@ -13,6 +13,7 @@ grows in proportion).
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -143,13 +144,18 @@ def top1(name, res=64):
     return next(r["top1"] for r in result["rows"] if r["res"] == res) if result else None
 
 
+def position_top1s(family, pos, res, seeds):
+    """The top-1 at `res` of every seed that ran `pos` on `family`."""
+    values = (top1(position_run(family, pos, seed), res) for seed in seeds)
+    return [v for v in values if v is not None]
+
+
 def cell(values):
     """'mean (a, b)' over seeds, or '-' if none finished."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    mean = sum(values) / len(values)
-    return f"{mean:.1f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
+    return f"{statistics.mean(values):.1f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
 
 
 def report(seeds, epochs):
@@ -168,12 +174,12 @@ def report(seeds, epochs):
     lines += ["", "| position | CAT 64 | CAT 96 | CAT 128 | ViT 64 | ViT 96 | ViT 128 |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for pos in POSITIONS:
-        lines.append(f"| `{pos}` | " + " | ".join(cell([top1(position_run(family, pos, s), r) for s in seeds])
+        lines.append(f"| `{pos}` | " + " | ".join(cell(position_top1s(family, pos, r, seeds))
                                                   for family in ["cat", "vit"] for r in EVAL_RES) + " |")
     lines += ["", "| cat-tiny rotary | " + " | ".join(f"{r} px" for r in EVAL_RES + FAR_RES) + " |",
               "| --- " * (1 + len(EVAL_RES + FAR_RES)) + "|"]
     for pos in ["cat", *CAT_DEFAULT_CANDIDATES]:
-        lines.append(f"| `{pos}` | " + " | ".join(cell([top1(position_run("cat", pos, s), r) for s in seeds])
+        lines.append(f"| `{pos}` | " + " | ".join(cell(position_top1s("cat", pos, r, seeds))
                                                   for r in EVAL_RES + FAR_RES) + " |")
     lines += ["", "| axis (cat rotary) | tiny-imagenet-20 top-1 | shapes top-1 (1 epoch) |", "| --- | --- | --- |",
               f"| `alternate` | {cell([top1('cat-tiny-s0')])} | {cell([top1('shapes-axis-alternate')])} |",
@@ -185,9 +191,10 @@ def raw_results(plan):
     """{name: train.py flags, seconds in training steps, images/s, eval rows} of every finished run in `plan`."""
     results = {}
     for name, flags in plan.items():
-        if finished(name):
+        result = finished(name)
+        if result:
             seconds, speed = training(name)
-            rows = [{k: r[k] for k in ("res", "top1", "top5", "loss")} for r in finished(name)["rows"]]
+            rows = [{k: r[k] for k in ("res", "top1", "top5", "loss")} for r in result["rows"]]
             results[name] = {"flags": flags, "train_seconds": seconds, "train_images_per_s": speed, "eval": rows}
     return results
 
@@ -204,9 +211,8 @@ def plot(path, seeds):
     for ax, family in zip(axes, ["cat", "vit"]):
         plotted = set()
         for pos in POSITIONS:       # each point: the mean over the seeds that ran it
-            points = [(r, [v for v in (top1(position_run(family, pos, s), r) for s in seeds) if v is not None])
-                      for r in EVAL_RES + FAR_RES]
-            points = [(r, sum(values) / len(values)) for r, values in points if values]
+            points = [(r, statistics.mean(values)) for r in EVAL_RES + FAR_RES
+                      if (values := position_top1s(family, pos, r, seeds))]
             if points:
                 ax.plot(*zip(*points), "o-", label=pos)
                 plotted.update(r for r, _ in points)
