@@ -20,8 +20,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from model import CAT, LINEAR_ABOVE, PRESETS, count_flops, cross_axis_attention
-from train import PEAK_FLOPS, keep_freed_memory, non_negative_int, positive_int
+from model import LINEAR_ABOVE, build_model, PRESETS, count_flops, cross_axis_attention
+from train import PEAK_FLOPS, fp32_means_fp32, keep_freed_memory, non_negative_int, positive_int
 
 
 def parse_args(argv=None):
@@ -109,7 +109,7 @@ def build(name, res, args, device):
         config = base
     else:
         config = replace(PRESETS[name], img_size=res)
-        model = CAT(config)
+        model = build_model(config)
     model = model.to(device)
     return (torch.compile(model) if args.compile else model), model, config
 
@@ -233,7 +233,7 @@ def crossover(widths, head_dim, heads, device, iters, warmup):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    fp32_means_fp32()                              # what train.py runs: TF32 off, bf16 autocast for speed
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {threads} threads"
     if args.device == "cpu" and not args.os_allocator:

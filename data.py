@@ -2,9 +2,12 @@
 DDP-aware sampler.
 
 Every dataset yields (image, label, skipped): a normalised float tensor (3, res, res), the class index, and how
-many unreadable files were skipped to produce the item (0 normally; the training loop sums it). Random
-augmentation of item i is seeded by (seed, epoch, i) alone, so a resumed run sees exactly the same images
-whatever the worker layout: call dataset.set_epoch(e) before each epoch.
+many unreadable files were skipped to produce the item (0 normally; the training loop sums it). A training set
+replaces an unreadable file by the next readable one; an evaluation set must not change, so there it yields
+a blank image with label -1, which `train.evaluate` leaves out and counts. Random augmentation of item i is
+seeded by (seed, epoch, i) alone, so a resumed run sees exactly the same images whatever the worker layout:
+call dataset.set_epoch(e) before each epoch. Repeated augmentation asks for item (i, copy), and each copy
+gets its own seed.
 """
 import math
 import os
@@ -192,28 +195,31 @@ class SeededDataset(Dataset):
     """Base class: subclasses give __len__ and load(index) -> (image, label), raising UnreadableImage for a bad
     file. Adds the per-(seed, epoch, index) seeded transform and the skipping of unreadable files."""
 
-    def __init__(self, classes, transform, seed=0, strict_images=False, where=""):
+    def __init__(self, classes, transform, seed=0, strict_images=False, where="", omit_unreadable=False):
         self.classes, self.transform, self.seed = list(classes), transform, seed
-        self.strict_images, self.where = strict_images, where
+        self.strict_images, self.where, self.omit_unreadable = strict_images, where, omit_unreadable
         self.epoch = 0
         self._warned = set()
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        """item: an index, or (index, copy) for the copies of repeated augmentation (ShardedSampler)."""
+        index, copy = item if isinstance(item, tuple) else (item, 0)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         image, label, skipped = self._load_readable(index)
-        # fork_rng: the transform's draws depend only on (seed, epoch, index) and leave the global RNG alone;
-        # transforms use only the CPU generator, and seeding it alone is 100x cheaper than torch.manual_seed
+        # fork_rng: the transform's draws depend only on (seed, epoch, index, copy) and leave the global RNG
+        # alone; transforms use only the CPU generator, and seeding it alone is 100x cheaper than torch.manual_seed
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(mix_seed(self.seed, self.epoch, index))
+            torch.default_generator.manual_seed(mix_seed(self.seed, self.epoch, index, *[copy] * (copy > 0)))
             image = self.transform(image)
         return image, label, skipped
 
     def _load_readable(self, index):
-        """Item `index`, or else the next readable one (wrapping around), with how many files were skipped."""
+        """Item `index`, or else the next readable one (wrapping around), with how many files were skipped.
+        With omit_unreadable, an unreadable item is a blank image labelled -1 instead (skipped = 1)."""
         for skipped in range(len(self)):
             try:
                 image, label = self.load((index + skipped) % len(self))
@@ -223,7 +229,10 @@ class SeededDataset(Dataset):
                     raise DataError(f"unreadable image {err} (drop --strict-images to skip such files)") from None
                 if err.path not in self._warned:
                     self._warned.add(err.path)
-                    warnings.warn(f"skipping unreadable image {err}", stacklevel=2)
+                    warnings.warn(f"{'leaving out' if self.omit_unreadable else 'skipping'} unreadable image "
+                                  f"{err}", stacklevel=2)
+                if self.omit_unreadable:
+                    return Image.new("RGB", (32, 32)), -1, 1
         raise DataError(f"no readable images in {self.where}: all {len(self)} files failed to load")
 
 
@@ -247,7 +256,7 @@ class ShapesDataset(SeededDataset):
 
 
 class CifarDataset(SeededDataset):
-    def __init__(self, name, root, split, transform, seed=0, download=False):
+    def __init__(self, name, root, split, transform, seed=0, download=False, omit_unreadable=False):
         folder = Path(root) / CIFAR_FOLDERS[name]
         make = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         try:
@@ -257,7 +266,7 @@ class CifarDataset(SeededDataset):
                                     f"version there (torchvision layout) or pass --download") from None
         except OSError as err:  # download failed (offline, disk full, ...)
             raise DataError(f"downloading {name} into {root} failed: {err}") from None
-        super().__init__(self.data.classes, transform, seed, where=str(folder))
+        super().__init__(self.data.classes, transform, seed, where=str(folder), omit_unreadable=omit_unreadable)
 
     def __len__(self):
         return len(self.data)
@@ -269,7 +278,7 @@ class CifarDataset(SeededDataset):
 class FolderDataset(SeededDataset):
     """ROOT/SPLIT/CLASS/* via ImageFolder's file scan (names only, no decoding); images are opened lazily."""
 
-    def __init__(self, root, split, transform, seed=0, strict_images=False):
+    def __init__(self, root, split, transform, seed=0, strict_images=False, omit_unreadable=False):
         split_dir = check_image_folder(root)[split]
         folder = datasets.ImageFolder(split_dir, allow_empty=True)
         counts = np.bincount(folder.targets, minlength=len(folder.classes))
@@ -277,7 +286,7 @@ class FolderDataset(SeededDataset):
         if empty:
             raise FileNotFoundError(f"{split_dir / empty[0]} has no image files "
                                     f"(looked for {', '.join(datasets.folder.IMG_EXTENSIONS)})")
-        super().__init__(folder.classes, transform, seed, strict_images, where=str(split_dir))
+        super().__init__(folder.classes, transform, seed, strict_images, str(split_dir), omit_unreadable)
         self.samples = folder.samples
 
     def __len__(self):
@@ -322,7 +331,8 @@ def build_dataset(name, root, split, res, *, train_aug=None, download=False, str
                   shapes_size=None, seed=0):
     """-> dataset of (image (3, res, res) normalised float, label, skipped) with `.classes` and `.set_epoch`.
     train_aug: an AugConfig for the training transform; None gives the eval transform (`shapes` ignores it and
-    only normalises). shapes_size: length of this split of `shapes` (default: SHAPES_SIZES)."""
+    only normalises) and leaves unreadable files out (label -1) instead of replacing them.
+    shapes_size: length of this split of `shapes` (default: SHAPES_SIZES)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -338,9 +348,9 @@ def build_dataset(name, root, split, res, *, train_aug=None, download=False, str
         raise ValueError(f"dataset {name} needs a data root folder")
     if name in CIFAR_FOLDERS:
         transform = eval_transform(res, crop_ratio=1.0) if train_aug is None else train_transform(res, train_aug)
-        return CifarDataset(name, root, split, transform, seed, download)
+        return CifarDataset(name, root, split, transform, seed, download, omit_unreadable=train_aug is None)
     transform = eval_transform(res) if train_aug is None else train_transform(res, train_aug)
-    return FolderDataset(root, split, transform, seed, strict_images)
+    return FolderDataset(root, split, transform, seed, strict_images, omit_unreadable=train_aug is None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,8 +359,9 @@ def build_dataset(name, root, split, res, *, train_aug=None, download=False, str
 class ShardedSampler(Sampler):
     """DDP-aware sampler: a permutation seeded by (seed, epoch) only (never the global RNG), cut into disjoint
     strided shards of equal length, one per rank. repeats > 1 is repeated augmentation: each index appears
-    `repeats` times in a row before sharding, so its copies go to different ranks (when num_replicas >= repeats)
-    and get different augmentations; each rank still yields ceil(length / num_replicas) samples an epoch.
+    `repeats` times in a row before sharding, as (index, copy), so its copies go to different ranks (when
+    num_replicas >= repeats) and get different augmentations (SeededDataset seeds each copy); each rank still
+    yields ceil(length / num_replicas) samples an epoch.
     Without drop_last the list is padded by wrapping around (so a few samples repeat, also with shuffle=False)."""
 
     def __init__(self, length, num_replicas=1, rank=0, shuffle=True, seed=0, repeats=1, drop_last=False):
@@ -378,10 +389,12 @@ class ShardedSampler(Sampler):
             order = torch.randperm(self.length, generator=generator)
         else:
             order = torch.arange(self.length)
-        order = order.repeat_interleave(self.repeats)
         total = self.per_rank * self.num_replicas
-        order = order.repeat(math.ceil(total / len(order)))[:total]  # pad by wrapping, or cut
-        return order[self.rank::self.num_replicas].tolist()
+        if self.repeats > 1:
+            order = torch.stack([order.repeat_interleave(self.repeats),
+                                 torch.arange(self.repeats).repeat(self.length)], 1)   # (index, copy) rows
+        order = order.repeat(math.ceil(total / len(order)), *[1] * (order.dim() - 1))[:total]  # pad by wrapping
+        return [tuple(i) if isinstance(i, list) else i for i in order[self.rank::self.num_replicas].tolist()]
 
     def __iter__(self):
         return iter(self.rank_indices()[self.start:])

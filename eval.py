@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 import data
 from model import PRESETS, config_from_dict, count_flops
-from train import (MODEL_HELP, CheckpointError, add_model_flags, evaluate, keep_freed_memory, load_checkpoint,
-                   model_from_checkpoint, non_negative_int, positive_int, setup_distributed)
+from train import (CheckpointError, add_model_flags, evaluate, fp32_means_fp32, keep_freed_memory, load_checkpoint,
+                   model_from_checkpoint, model_overrides, non_negative_int, positive_int, setup_distributed)
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "cat-tiny-shapes", "ckpt.pt")   # where the default run writes
 
@@ -50,7 +50,7 @@ def build(args, parser):
     try:
         state = load_checkpoint(args.ckpt)
         config = config_from_dict(state["config"])
-        overrides = {name: getattr(args, name) for name in MODEL_HELP if getattr(args, name) is not None}
+        overrides = model_overrides(args)
         if args.model:
             config = replace(PRESETS[args.model], img_size=config.img_size, num_classes=config.num_classes)
         if overrides or args.model:
@@ -76,6 +76,7 @@ def main(argv=None):
     root = args.data_dir or trained.get("data_dir", "data")
 
     rank, world, device = setup_distributed()
+    fp32_means_fp32()
     cuda = device.type == "cuda"
     if not cuda:
         keep_freed_memory()
@@ -111,11 +112,13 @@ def main(argv=None):
 
 
 def format_table(rows):
-    header = f"{'res':>5} {'top-1':>7} {'top-5':>7} {'loss':>7} {'img/s':>8} {'GFLOPs':>8} {'params':>8}"
+    """One line per resolution; `images` counts the val images scored, `left out` the unreadable ones."""
+    header = (f"{'res':>5} {'top-1':>7} {'top-5':>7} {'loss':>7} {'images':>7} {'left out':>8} {'img/s':>8} "
+              f"{'GFLOPs':>8} {'params':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['res']:>5} {r['top1']:>6.2f}% {r['top5']:>6.2f}% {r['loss']:>7.4f} "
-                     f"{r['images_per_s']:>8.1f} {r['gflops']:>8.3f} {r['params_m']:>7.2f}M")
+        lines.append(f"{r['res']:>5} {r['top1']:>6.2f}% {r['top5']:>6.2f}% {r['loss']:>7.4f} {r['images']:>7} "
+                     f"{r['left_out']:>8} {r['images_per_s']:>8.1f} {r['gflops']:>8.3f} {r['params_m']:>7.2f}M")
     return "\n".join(lines)
 
 

@@ -16,12 +16,16 @@ import torch.nn.functional as F
 
 from rope2d import SCHEMES, AbsolutePosition, RotaryPosition, split_scheme
 
+# Swin's positional schemes (swin.py): torchvision's relative position bias, RoPE inside windows, both, or v2's
+# scaled cosine attention with a continuous position bias.
+SWIN_POS = ("rpb", "axial", "mixed", "rpb+axial", "rpb+mixed", "swinv2")
+
 CHOICES = {
-    "attn": ("cross_axis", "softmax", "performer"),
+    "attn": ("cross_axis", "softmax", "performer", "swin"),
     "axis": ("row", "alternate"),
     "form": ("auto", "quadratic", "linear"),
     "performer_kernel": ("favor", "relu"),
-    "pos": SCHEMES,
+    "pos": SCHEMES + SWIN_POS,
     "imprint": ("none", "constant", "tanh_decay", "tanh_grow"),
     "pool": ("mean", "corner", "cls"),
 }
@@ -37,7 +41,7 @@ class CATConfig:
     heads: int = 8
     mlp_ratio: float = 1.0          # FFN hidden = mlp_ratio * dim; the paper's CAT uses 1
     num_classes: int = 1000
-    attn: str = "cross_axis"        # cross_axis | softmax (ViT) | performer
+    attn: str = "cross_axis"        # cross_axis | softmax (ViT) | performer | swin (swin.py, needs torchvision)
     axis: str = "alternate"         # row: the paper's; alternate: odd blocks swap H and W (SPEC 2.1)
     form: str = "auto"              # cross-axis product order: auto | quadratic | linear
     mid_norm: bool = False          # ablation: normalise the scores between the two products (paper Sec. 4)
@@ -48,6 +52,10 @@ class CATConfig:
     pool: str = "mean"              # mean | corner (released code) | cls
     dropout: float = 0.0
     drop_path: float = 0.0
+    grad_checkpoint: bool = False   # training: recompute each block's activations in backward (memory for time)
+    # Swin only (attn='swin'): blocks per stage (depth is unused), heads double and the grid halves per stage
+    stages: tuple = (2, 2, 6, 2)
+    window: int = 7                 # Swin window side, in patches
 
     def __post_init__(self):
         for name, choices in CHOICES.items():
@@ -65,7 +73,13 @@ class CATConfig:
             raise ValueError(f"img_size ({self.img_size}) must be divisible by patch ({self.patch})")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        rotary = split_scheme(self.pos)[1]
+        swin = self.attn == "swin"
+        if self.pos not in (SWIN_POS if swin else SCHEMES):
+            raise ValueError(f"pos must be one of {SWIN_POS if swin else SCHEMES} for attn={self.attn!r}, "
+                             f"got {self.pos!r}")
+        if swin and (not self.stages or min(self.stages) <= 0 or self.window <= 0):
+            raise ValueError(f"swin needs positive stages and window, got {self.stages} and {self.window}")
+        rotary = next((r for r in ("axial", "mixed") if r in self.pos), None) if swin else split_scheme(self.pos)[1]
         if rotary and (self.dim // self.heads) % (2 if rotary == "cat_ref" else 4):
             raise ValueError(f"head dim dim/heads = {self.dim // self.heads} must be divisible by "
                              f"{2 if rotary == 'cat_ref' else 4} for pos={self.pos!r}")
@@ -98,6 +112,16 @@ PRESETS = {
                           attn="softmax", mlp_ratio=4.0, pos="ape", imprint="none"),
     "performer-tiny": CATConfig(img_size=64, dim=192, depth=6, heads=8, num_classes=8,
                                 attn="performer", mlp_ratio=4.0, pos="ape", imprint="none"),
+    # Swin (swin.py) for CPU work. Patch 4 at 64 px: a 16 x 16 grid, then 8 x 8 and 4 x 4 (one window) over 3
+    # stages of 2 blocks (6 blocks, as cat-tiny / vit-tiny have); widths 64/128/256, heads 2/4/8 (head dim 32,
+    # as in swin_t), window 4. Matched with num_params and count_flops at 64 px, 8 classes: 2.25M parameters,
+    # 0.165 GFLOPs (cat-tiny 1.38M / 0.177, vit-tiny 2.71M / 0.363): parameters between the two, FLOPs at
+    # cat-tiny's. Same counts for every pos but swinv2 (2.27M / 0.167).
+    "swin-tiny": CATConfig(img_size=64, patch=4, dim=64, heads=2, stages=(2, 2, 2), window=4, num_classes=8,
+                           attn="swin", mlp_ratio=4.0, pos="rpb", imprint="none"),
+    # torchvision's swin_t (28.3M parameters, 8.98 GFLOPs at 224 px); pos='swinv2' with window=8 is swin_v2_t.
+    "swin-t": CATConfig(img_size=224, patch=4, dim=96, heads=3, stages=(2, 2, 6, 2), window=7, num_classes=1000,
+                        attn="swin", mlp_ratio=4.0, drop_path=0.2, pos="rpb", imprint="none"),
 }
 
 
@@ -167,7 +191,7 @@ class Attention(nn.Module):
         B, H, W, D = x.shape
         qkv = self.qkv(x).view(B, H, W, 3, D)
         if alpha:                                                    # alpha_l * E onto q, k and v (SPEC 2.3)
-            qkv = qkv.add(embed.unsqueeze(3), alpha=alpha)
+            qkv = qkv.add(embed.unsqueeze(3).to(qkv.dtype), alpha=alpha)
         # unbind, then permute: the backward pass stacks the three gradients straight into the Linear's layout
         q, k, v = (t.permute(0, 3, 1, 2, 4) for t in qkv.view(B, H, W, 3, self.heads, -1).unbind(3))
         o = self.attend(q, k, v, cls_column)                         # (B, h, H, W, d)
@@ -214,14 +238,30 @@ class CrossAxisAttention(Attention):
             return self.norm(o)
 
 
+def sequence(t, cls_column):
+    """(B, h, H, W', c) grid -> (B, h, N, c) token sequence for the attentions that see one: with a class-token
+    column, its H identical copies become one token, first. Counting every copy would weigh the class token's
+    key H times, a log H bias on its logit that grows with the resolution."""
+    if not cls_column:
+        return t.flatten(2, 3)
+    return torch.cat([t[:, :, 0, -1:], t[:, :, :, :-1].flatten(2, 3)], 2)       # (B, h, 1 + H*W, c)
+
+
+def grid(o, H, cls_column):
+    """Inverse of sequence(): (B, h, N, c) -> (B, h, H, W', c), the class token's output copied to every row."""
+    if not cls_column:
+        return o.unflatten(2, (H, -1))
+    cls = o[:, :, :1].unsqueeze(2).expand(-1, -1, H, -1, -1)                  # (B, h, H, 1, c)
+    return torch.cat([o[:, :, 1:].unflatten(2, (H, -1)), cls], 3)
+
+
 class SoftmaxAttention(Attention):
-    """ViT's multi-head attention over all H*W tokens through scaled_dot_product_attention."""
+    """ViT's multi-head attention over all H*W tokens (and the class token) through scaled_dot_product_attention."""
 
     def attend(self, q, k, v, cls_column):
         q, k = self.rotate(q, k, cls_column)
-        B, h, H, W, d = q.shape
-        o = F.scaled_dot_product_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3))  # (B, h, HW, d)
-        return o.view(B, h, H, W, d)
+        o = F.scaled_dot_product_attention(*(sequence(t, cls_column) for t in (q, k, v)))   # (B, h, N, d)
+        return grid(o, q.shape[2], cls_column)
 
 
 class PerformerAttention(Attention):
@@ -243,22 +283,25 @@ class PerformerAttention(Attention):
         if self.kernel == "relu":
             return F.relu(x) + 1e-3
         x = x * x.shape[-1] ** -0.25                                 # so that phi(q).phi(k) ~ exp(q.k / sqrt(d))
-        proj = x @ self.features.T                                   # (B, h, N, m)
-        # Subtracting a max keeps exp finite; it cancels between numerator and normaliser, so it must be
-        # per query for q and one constant over all keys for k.
-        shift = proj.amax(-1, keepdim=True) if is_query else proj.amax((-2, -1), keepdim=True)
-        return torch.exp(proj - x.square().sum(-1, keepdim=True) / 2 - shift.detach()) / math.sqrt(proj.shape[-1])
+        exponent = x @ self.features.T - x.square().sum(-1, keepdim=True) / 2   # (B, h, N, m)
+        # exp under- or overflows unless shifted by the exponent's max, |x|^2/2 included (at std 1 and d = 128,
+        # w.x - |x|^2/2 is ~ -60). The shift cancels between numerator and normaliser, so it is per query for q
+        # and one constant over all keys for k.
+        shift = exponent.amax(-1, keepdim=True) if is_query else exponent.amax((-2, -1), keepdim=True)
+        return torch.exp(exponent - shift.detach()) / math.sqrt(exponent.shape[-1])
 
     def attend(self, q, k, v, cls_column):
         B, h, H, W, d = q.shape
-        q, k, v = (t.float().flatten(2, 3) for t in (q, k, v))      # (B, h, N, d), fp32 for exp
-        fq, fk = self.feature_map(q, True), self.feature_map(k, False)   # (B, h, N, m)
-        m = fq.shape[-1]
-        rq, rk = self.rotate(fq.view(B, h, H, W, m), fk.view(B, h, H, W, m), cls_column)
-        kv = rk.flatten(2, 3).transpose(-1, -2) @ v                  # (B, h, m, d)
-        numerator = rq.flatten(2, 3) @ kv                            # (B, h, N, d)
-        normaliser = fq @ fk.sum(2).unsqueeze(-1)                    # (B, h, N, 1)
-        return (numerator / normaliser.clamp(min=1e-6)).view(B, h, H, W, d)
+        fq, fk = (self.feature_map(t.float().flatten(2, 3), is_query).view(B, h, H, W, -1)   # fp32 for exp
+                  for t, is_query in ((q, True), (k, False)))                              # (B, h, H, W, m)
+        rq, rk = self.rotate(fq, fk, cls_column)
+        fq, fk, rq, rk, v = (sequence(t, cls_column) for t in (fq, fk, rq, rk, v.float()))   # (B, h, N, .)
+        numerator = rq @ (rk.transpose(-1, -2) @ v)                  # (B, h, N, m) @ (B, h, m, d)
+        key_sum = fk.sum(2)                                          # (B, h, m)
+        normaliser = fq @ key_sum.unsqueeze(-1)                      # (B, h, N, 1), a sum of positive terms
+        # A relative floor, only against an exact 0: the normaliser's largest possible value times 1e-12.
+        floor = 1e-12 * fq.sum(-1, keepdim=True) * key_sum.amax(-1)[..., None, None]
+        return grid(numerator / torch.maximum(normaliser, floor), H, cls_column)
 
 
 def orthogonal_features(m, d):
@@ -315,18 +358,24 @@ class Block(nn.Module):
 class CAT(nn.Module):
     """Image classifier: conv patch embedding, blocks on the (H, W) grid, final LayerNorm, pooling, head.
 
-    forward(images (B, 3, R, R')) -> logits (B, num_classes), for any R, R' divisible by the patch.
+    forward(images (B, 3, R, R')) -> logits (B, num_classes), for any R, R' divisible by the patch; the grid is
+    (H, W) = (R / patch, R' / patch). As a backbone, with timm's names (one path: forward is built from them):
+        forward_features(images)                  -> (B, H, W, D) grid after the final norm
+        forward_head(features, pre_logits=False)  -> logits, or the pooled (B, D) vector
+        forward_intermediates(images, indices)    -> [(B, D, H, W)] feature maps of chosen blocks
+        reset_classifier(num_classes)             a new head, e.g. to fine-tune on other classes
     """
 
     def __init__(self, config):
         super().__init__()
+        if config.attn == "swin":
+            raise ValueError("attn='swin' is built by swin.Swin (torchvision's Swin); use model.build_model(config)")
         self.config = cfg = config
         self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch, cfg.patch)
         self.ape = AbsolutePosition(cfg.dim, (cfg.grid, cfg.grid)) if split_scheme(cfg.pos)[0] else None
         # The class token (pool='cls') must sit on the grid for the cross-axis attention: it takes an extra
         # column, one copy per row, and the copies are averaged at the end. The copies are not rotated.
-        # Every attention sees this same layout; for softmax / Performer the H identical copies act as one
-        # class token whose key counts H times.
+        # Softmax and Performer attention see it once (sequence()), so its copies stay identical.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, 1, cfg.dim)) if cfg.pool == "cls" else None
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.depth))
         self.alphas = [imprint_alpha(cfg.imprint, layer, cfg.depth) for layer in range(cfg.depth)]
@@ -336,31 +385,116 @@ class CAT(nn.Module):
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def forward(self, images):
+    def forward(self, images):                                       # (B, 3, R, R') -> (B, num_classes)
+        return self.forward_head(self.forward_features(images))
+
+    def forward_features(self, images):
+        """(B, 3, R, R') -> the grid after the final norm, (B, H, W, D).
+
+        With pool='cls' the class-token column comes along as the last column: (B, H, W + 1, D). As in timm,
+        forward_features returns every token and forward_head pools them, so forward = forward_head(
+        forward_features) holds for every pool; the class token lives on the grid, so it cannot travel
+        separately without a second path. For the pure patch grid use forward_intermediates, which never
+        includes it: forward_intermediates(images, [-1], "NHWC", norm=True)[0] is this grid without that column.
+        """
+        x, embed = self.embed(images)
+        for layer in range(len(self.blocks)):
+            x = self.run_block(layer, x, embed)
+        return self.norm(x)
+
+    def forward_head(self, features, pre_logits=False):
+        """Pool forward_features' grid and classify: (B, H, W(+1), D) -> logits (B, num_classes), or with
+        pre_logits=True the pooled (B, D) vector that the head would see."""
+        if features.dim() != 4 or features.shape[-1] != self.config.dim:
+            raise ValueError(f"expected features shaped (B, H, W, {self.config.dim}) as forward_features returns "
+                             f"them, got {tuple(features.shape)}")
+        if self.config.pool == "mean":
+            x = features.mean((1, 2))
+        elif self.config.pool == "corner":                           # the released code: bottom-right token
+            x = features[:, -1, -1]
+        else:
+            x = features[:, :, -1].mean(1)                           # the class-token column (one copy per row)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, images, indices=None, output_fmt="NCHW", norm=False):
+        """Feature maps of chosen blocks, for dense heads (detection, segmentation): a list of (B, D, H, W),
+        or (B, H, W, D) with output_fmt="NHWC", in the order of `indices`.
+
+        indices: block indices (negative count from the end), an int n for the last n blocks, or None for all.
+        norm=True passes each map through the final LayerNorm. The class-token column is never included, and
+        blocks after the deepest one asked for are not run.
+        """
+        take = self.take_indices(indices)
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        x, embed = self.embed(images)
+        maps = {}
+        for layer in range(max(take) + 1):
+            x = self.run_block(layer, x, embed)
+            if layer in take:
+                maps[layer] = self.norm(x) if norm else x
+        W = images.shape[3] // self.config.patch                     # drops the class-token column, if any
+        maps = [maps[layer][:, :, :W] for layer in take]             # (B, H, W, D) each
+        return maps if output_fmt == "NHWC" else [m.permute(0, 3, 1, 2) for m in maps]
+
+    def take_indices(self, indices):
+        """forward_intermediates' `indices` as a list of block numbers in 0..depth-1, or a clear ValueError."""
+        depth = len(self.blocks)
+        if indices is None:
+            return list(range(depth))
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"indices={indices}: an int n means the last n blocks, 1 <= n <= depth = {depth}")
+            return list(range(depth - indices, depth))
+        if (not isinstance(indices, (list, tuple)) or not indices or
+                any(not isinstance(i, int) or isinstance(i, bool) or not -depth <= i < depth for i in indices)):
+            raise ValueError(f"indices must be None, an int n (the last n blocks) or a non-empty list of block "
+                             f"indices in [{-depth}, {depth}), got {indices!r}")
+        return [i % depth for i in indices]
+
+    def embed(self, images):
+        """Images -> (x, E): the patch grid with positions (and the class-token column), and the imprint E."""
+        self.check_images(images)
+        # channels-last in, so that the permuted embedding is contiguous: (B, H, W, D) all the way down. The
+        # residual stream keeps the weights' dtype under autocast (fp32, as in timm and nanoGPT): only the
+        # matmuls run in bf16.
+        x = self.patch_embed(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        x = x.to(self.patch_embed.weight.dtype)
+        if self.ape is not None:
+            x = self.ape(x)
+        if self.cls_token is not None:
+            B, H = x.shape[:2]
+            x = torch.cat([x, self.cls_token.expand(B, H, 1, -1).to(x.dtype)], 2)  # (B, H, W+1, D)
+        return x, x                                                  # E is the input of block 0 (SPEC 2.3)
+
+    def check_images(self, images):
+        """The one input check of every entry point: a clear ValueError rather than a shape error deep inside."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
         if images.shape[2] % self.config.patch or images.shape[3] % self.config.patch:
             raise ValueError(f"image size {tuple(images.shape[2:])} is not divisible by the patch size "
                              f"{self.config.patch}")
-        # channels-last in, so that the permuted embedding is contiguous: (B, H, W, D) all the way down
-        x = self.patch_embed(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-        if self.ape is not None:
-            x = self.ape(x)
-        cls_column = self.cls_token is not None
-        if cls_column:
-            B, H = x.shape[:2]
-            x = torch.cat([x, self.cls_token.expand(B, H, 1, -1).to(x.dtype)], 2)  # (B, H, W+1, D)
-        embed = x                                                    # E, the imprint (SPEC 2.3)
-        for block, alpha in zip(self.blocks, self.alphas):
-            x = block(x, embed, alpha, cls_column)
-        x = self.norm(x)
-        if self.config.pool == "mean":
-            x = x.mean((1, 2))
-        elif self.config.pool == "corner":                           # the released code: bottom-right token
-            x = x[:, -1, -1]
-        else:
-            x = x[:, :, -1].mean(1)                                  # the class-token column
-        return self.head(x)                                          # (B, num_classes)
+
+    def run_block(self, layer, x, embed):
+        """Block `layer` on the grid x (B, H, W(+1), D), with activation checkpointing when configured."""
+        block, alpha, cls_column = self.blocks[layer], self.alphas[layer], self.cls_token is not None
+        if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            # Keep only the block's inputs and recompute its activations in the backward pass. Non-reentrant:
+            # plain Python arguments (alpha, cls_column) pass through, and the RNG state is restored before the
+            # recomputation, so dropout and drop_path draw the same masks twice and the gradients are exact.
+            return checkpoint(block, x, embed, alpha, cls_column, use_reentrant=False)
+        return block(x, embed, alpha, cls_column)
+
+    def reset_classifier(self, num_classes):
+        """A new, freshly initialised head for num_classes (to fine-tune on other classes), on the old head's
+        device and dtype; every other weight stays as it is. config.num_classes follows (a copy: a preset the
+        model was built from is left alone)."""
+        from dataclasses import replace
+        self.config = replace(self.config, num_classes=num_classes)  # validates num_classes
+        old = self.head.weight
+        self.head = nn.Linear(self.config.dim, num_classes, device=old.device, dtype=old.dtype)
+        init_weights(self.head)
 
     def param_groups(self, weight_decay):
         """AdamW groups: decay only matrices and conv kernels; not norms, biases, positional tables,
@@ -384,12 +518,21 @@ def init_weights(module):
             nn.init.zeros_(module.bias)
 
 
+def build_model(config):
+    """CAT(config), or for attn='swin' the torchvision-based Swin of swin.py (imported only then, so that this
+    file still needs nothing but torch)."""
+    if config.attn == "swin":
+        from swin import Swin
+        return Swin(config)
+    return CAT(config)
+
+
 def count_flops(config, height, width=None):
     """Forward FLOPs for one image (2 per multiply-add), counted by torch.utils.flop_counter on the meta
     device: matmuls, convolutions and attention kernels; element-wise work is not counted."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model = CAT(config)
+        model = build_model(config)
         images = torch.empty(1, 3, height, width or height)
     with FlopCounterMode(display=False) as counter:
         model(images)

@@ -161,9 +161,12 @@ def fit_channels(table, channels, cls_column, pad_value):
 
 
 @lru_cache(maxsize=32)
+@torch.inference_mode(False)
 def fixed_turns(scheme, dim, heads, H, W, channels, cls_column, device):
     """e^(i angle) of a fixed scheme (`cat`, `axial`) for one grid, computed once and shared by every layer:
-    at 768 px the table is as large as q itself for a batch of one."""
+    at 768 px the table is as large as q itself for a batch of one. Always a normal tensor: a table first
+    made under torch.inference_mode() would be cached as an inference tensor, which autograd then refuses to
+    save in every later training step."""
     angles = cat_angles(H, W, dim, heads, device) if scheme == "cat" else axial_angles(H, W, dim // heads,
                                                                                       device=device)
     angles = fit_channels(angles, channels // 2, cls_column, 0.0)

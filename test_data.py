@@ -152,9 +152,22 @@ def test_imagefolder_all_bad_is_a_clear_error(tmp_path):
     for split in ("train", "val"):
         (root / split / "cat").mkdir(parents=True)
         (root / split / "cat" / "bad.jpg").write_bytes(b"not an image")
-    ds = data.build_dataset("imagefolder", root, "train", 32)
+    ds = data.build_dataset("imagefolder", root, "train", 32, train_aug=data.AugConfig())
     with pytest.warns(UserWarning, match="bad.jpg"), pytest.raises(RuntimeError, match="no readable images"):
         ds[0]
+
+
+def test_evaluation_set_leaves_bad_files_out_instead_of_replacing_them(tmp_path):
+    """A validation set must not change: an unreadable file is a blank image labelled -1 (left out and counted
+    by train.evaluate), never a duplicate of the next file."""
+    root = make_folder(tmp_path / "root")
+    add_bad_files(root / "val" / "cat")
+    ds = data.build_dataset("imagefolder", root, "val", 32)
+    with pytest.warns(UserWarning, match="leaving out unreadable image .*corrupt.jpg"):
+        items = [ds[i] for i in range(len(ds))]
+    assert [label for _, label, _ in items] == [-1, -1, 0, 0, 0, -1, 1, 1, 1]
+    assert [skipped for _, _, skipped in items] == [1, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert all(image.shape == (3, 32, 32) for image, _, _ in items)
 
 
 def test_imagefolder_errors(tmp_path):
@@ -267,9 +280,23 @@ def test_sampler_resume_mid_epoch():
 def test_sampler_repeated_augmentation():
     shards = [list(data.ShardedSampler(12, num_replicas=3, rank=r, repeats=3, seed=5)) for r in range(3)]
     assert all(len(shard) == 4 for shard in shards)  # same steps per epoch as without repeats
-    for position in range(4):
-        assert shards[0][position] == shards[1][position] == shards[2][position]  # copies on different ranks
-    assert len(set(shards[0])) == 4
+    for position in range(4):  # the copies of one index go to different ranks, each as its own copy
+        assert [shard[position] for shard in shards] == [(shards[0][position][0], copy) for copy in range(3)]
+    assert len({index for index, _ in shards[0]}) == 4
+
+
+def test_repeated_augmentation_copies_differ(tmp_path):
+    """The copies of an image that --repeated-aug hands out are augmented differently (they used to be
+    bit-identical: the seed was (seed, epoch, index)); copy 0 keeps the seed of a run without repeats."""
+    root = make_folder(tmp_path / "root")
+    for path in (root / "train").glob("*/*"):                          # texture, so that crops differ
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path, "PNG")
+    ds = data.build_dataset("imagefolder", root, "train", 24, train_aug=data.AugConfig(crop_scale=0.2), seed=3)
+    one_process = list(data.ShardedSampler(len(ds), num_replicas=1, repeats=2, seed=5))
+    assert one_process[0][0] == one_process[1][0]                      # side by side in one batch
+    copies = [ds[item][0] for item in one_process[:2]]
+    assert not torch.equal(*copies)
+    assert torch.equal(copies[0], ds[one_process[0][0]][0])
 
 
 # ----------------------------------------------------------------------------------------------------- mixing

@@ -25,10 +25,18 @@ def checkpoint(tmp_path_factory):
     return str(out / "ckpt.pt")
 
 
-def test_eval_at_two_resolutions(checkpoint, tmp_path, capsys):
+@pytest.fixture
+def tf32_on():
+    """TF32 switched on, as bench.py used to do; train.fp32_means_fp32 must switch it off again."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_eval_at_two_resolutions(checkpoint, tmp_path, capsys, tf32_on):
     rows = evaluate_script.main(["--ckpt", checkpoint, "--res", "32", "48", "--json", str(tmp_path / "r.json"),
                                  "--workers", "0"])
-    assert [r["res"] for r in rows] == [32, 48]
+    assert [r["res"] for r in rows] == [32, 48] and not torch.backends.cuda.matmul.allow_tf32   # as train.py
     for r in rows:
         assert 0 <= r["top1"] <= r["top5"] <= 100 and r["images"] == 2000 and r["loss"] > 0
         assert r["images_per_s"] > 0 and r["params_m"] > 0
@@ -100,8 +108,34 @@ def test_eval_truncated_checkpoint_and_missing_default(checkpoint, tmp_path, cap
     assert "train it first with `python train.py`" in capsys.readouterr().err
 
 
-def test_bench_smoke(tmp_path):
+def test_unreadable_val_images_are_left_out_and_counted(tmp_path, capsys):
+    """An unreadable val file used to be replaced by the next readable one, silently changing the val set."""
+    from PIL import Image
+    for split, count in (("train", 16), ("val", 4)):
+        for name in ("a", "b"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), (i * 10, 0, 0)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "val" / "a" / "broken.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="leaving out unreadable image .*broken.png"):
+        assert train.main(["--dim", "32", "--depth", "2", "--heads", "2", "--res", "32", "--data", "imagefolder",
+                           "--data-dir", str(tmp_path / "data"), "--batch-size", "8", "--workers", "0",
+                           "--max-steps", "1", "--out-dir", str(run)]) == 0
+    with open(run / "metrics.jsonl") as f:
+        final = [json.loads(line) for line in f][-1]
+    assert final["val_images"] == 8 and final["val_left_out"] == 1
+    rows = evaluate_script.main(["--ckpt", str(run / "ckpt.pt"), "--workers", "0", "--json", str(tmp_path / "r.json")])
+    assert rows[0]["images"] == 8 and rows[0]["left_out"] == 1
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["left_out"] == 1
+    assert "left out" in capsys.readouterr().out
+
+
+def test_bench_smoke(tmp_path, tf32_on):
+    # one precision policy everywhere (train.fp32_means_fp32): the benchmark used to turn TF32 on
     result = bench.main(["--smoke", "--json", str(tmp_path / "bench.json")])
+    assert not torch.backends.cuda.matmul.allow_tf32
     models = {r["model"] for r in result["rows"]}
     assert models == {"cat-tiny", "vit-tiny", "performer-tiny"}
     assert all(r["train_images_per_s"] > 0 and r["activation_mib"] > 0 for r in result["rows"])

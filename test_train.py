@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import model
 import train
 
 REPO = Path(__file__).parent
@@ -36,7 +37,7 @@ def interrupt_at_forward(monkeypatch, call):
     """Send this process a real SIGTERM from inside the `call`-th model forward on real images (the FLOP count's
     forward on the meta device does not count)."""
     calls = {"n": 0}
-    forward = train.CAT.forward
+    forward = model.CAT.forward
 
     def counting_forward(self, images):
         calls["n"] += images.device.type != "meta"
@@ -44,7 +45,7 @@ def interrupt_at_forward(monkeypatch, call):
             os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, images)
 
-    monkeypatch.setattr(train.CAT, "forward", counting_forward)
+    monkeypatch.setattr(model.CAT, "forward", counting_forward)
 
 
 def run_script(args, timeout=120):
@@ -106,7 +107,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert a["metrics"]["val_top1"] == b["metrics"]["val_top1"]
 
 
-def test_sigint_saves_and_exits_cleanly(tmp_path):
+def test_sigint_saves_and_exits_cleanly(tmp_path, monkeypatch):
     """A real Ctrl-C to a running training process: it saves a resumable checkpoint and exits 0 in seconds."""
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--max-steps", "100000", "--epochs", "1000",
                              "--save-every", "100000", "--eval-every", "100000", "--out-dir", str(tmp_path)],
@@ -123,9 +124,55 @@ def test_sigint_saves_and_exits_cleanly(tmp_path):
     assert "stopped by signal" in output
     state = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert state["step"] >= 3
-    assert train.main([*TINY, "--max-steps", str(state["step"] + 2), "--epochs", "1000", "--resume",
-                       "--out-dir", str(tmp_path)]) == 0
+    interrupt_at_forward(monkeypatch, call=2)              # resume with the same flags; stop again 2 steps on
+    assert train.main([*TINY, "--max-steps", "100000", "--epochs", "1000", "--save-every", "100000",
+                       "--eval-every", "100000", "--resume", "--out-dir", str(tmp_path)]) == 0
     assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == state["step"] + 2
+
+
+def test_sigint_during_validation_saves_and_exits_cleanly(tmp_path):
+    """Ctrl-C reaches the whole foreground process group, the validation loader's workers included. They used
+    to die of it, and the run crashed instead of saving. (Forked workers inherit the trainer's handler by
+    accident; forkserver workers, Python 3.14's default on Linux, and spawn workers, macOS's, do not.)"""
+    driver = f"""
+import multiprocessing, os, signal, sys
+import model, train
+multiprocessing.set_start_method("forkserver")
+forward = model.CAT.forward
+def interrupt_in_validation(self, images):
+    if not self.training and images.device.type != "meta" and not os.environ.get("SENT"):
+        os.environ["SENT"] = "1"
+        os.killpg(0, signal.SIGINT)                             # as Ctrl-C does: every process of the group
+    return forward(self, images)
+model.CAT.forward = interrupt_in_validation
+sys.exit(train.main({[*TINY, "--max-steps", "50", "--epochs", "10", "--eval-every", "2", "--workers", "1",
+                     "--out-dir", str(tmp_path)]!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            start_new_session=True)                 # its own process group, safe to signal
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stopped by signal at step 3" in result.stdout              # the step after that validation
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--epochs", "4"], "--epochs 4 (was 3)"),
+    (["--batch-size", "8"], "--batch-size 8 (was 16)"),
+    (["--max-steps", "6", "--lr", "1e-3"], "--max-steps 6 (was 4), --lr 0.001 (was 0.0003)"),
+    (["--seed", "1"], "--seed 1 (was 0)"),
+    (["--mixup", "0.2"], "--mixup 0.2 (was 0.0)"),
+])
+def test_resume_refuses_flags_that_change_the_schedule_or_data(tmp_path, capsys, flags, named):
+    """More --epochs used to keep the old scheduler length, so the learning rate climbed back to its peak;
+    another --batch-size resumed the sampler at the wrong position."""
+    common = [*TINY, "--max-steps", "4", "--epochs", "3", "--out-dir", str(tmp_path)]
+    assert train.main(common) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*common, *flags, "--resume"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "--init-from" in err
+    assert train.main([*common, "--resume", "--workers", "1", "--log-every", "2"]) == 0   # these may change
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -156,20 +203,23 @@ def test_ddp_two_processes_resume_exactly_and_refuse_another_world_size(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         train.main([*common, "--out-dir", str(straight), "--resume"])
     assert exit_info.value.code == 2
+    # the same weights everywhere, but each process its own random stream (dropout, MixUp, ...)
+    rng = train.load_checkpoint(str(straight / "ckpt.pt"))["rng"]
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
 # ---------------------------------------------------------------------------------------------- numerical faults
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     args = [*TINY, "--max-steps", "10", "--save-every", "2", "--eval-every", "1000", "--out-dir", str(tmp_path)]
-    forward, calls = train.CAT.forward, {"n": 0}
+    forward, calls = model.CAT.forward, {"n": 0}
 
     def poisoned_forward(self, images):
         calls["n"] += images.device.type != "meta"
         logits = forward(self, images)
         return logits * float("nan") if calls["n"] == 5 else logits   # step 5 (call 0: the FLOP count)
 
-    monkeypatch.setattr(train.CAT, "forward", poisoned_forward)
+    monkeypatch.setattr(model.CAT, "forward", poisoned_forward)
     assert train.main(args) == 1
     message = capsys.readouterr().err
     assert "loss is nan at step 5" in message and "ckpt.pt" in message

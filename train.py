@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
-from model import CAT, CHOICES, PRESETS, CATConfig, config_from_dict, count_flops
+from model import CHOICES, PRESETS, CATConfig, build_model, config_from_dict, count_flops
 
 CHECKPOINT_FORMAT = "cat-checkpoint-v1"
 # bf16 dense peak (FLOP/s) for the MFU column; other devices: pass --peak-tflops.
@@ -53,6 +53,8 @@ MODEL_HELP = {
     "pool": "how the grid becomes one vector",
     "dropout": "dropout after attention and FFN",
     "drop_path": "stochastic depth rate of the last block (linear in depth)",
+    "stages": "swin: blocks per stage, e.g. 2 2 6 2",
+    "window": "swin: window side in patches",
 }
 
 
@@ -89,15 +91,23 @@ def add_model_flags(parser):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=MODEL_HELP[f.name])
+        elif f.type in (tuple, "tuple"):
+            group.add_argument(flag, type=positive_int, nargs="+", default=None, help=MODEL_HELP[f.name])
         else:
             kind = (positive_int if isinstance(f.default, int) else
                     non_negative_float if isinstance(f.default, float) else str)
             group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=MODEL_HELP[f.name])
 
 
+def model_overrides(args):
+    """{CATConfig field: value} of the model flags given on the command line."""
+    values = {name: getattr(args, name) for name in MODEL_HELP if getattr(args, name) is not None}
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
+
+
 def model_config(args, parser, num_classes):
     """The preset with the command line's overrides, the resolution and the data's class count."""
-    overrides = {name: getattr(args, name) for name in MODEL_HELP if getattr(args, name) is not None}
+    overrides = model_overrides(args)
     preset = PRESETS[args.model]
     try:
         return replace(preset, img_size=args.res or preset.img_size, num_classes=num_classes, **overrides)
@@ -193,6 +203,14 @@ def keep_freed_memory():
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def fp32_means_fp32():
+    """The one precision policy of train.py, eval.py and bench.py. The speed comes from bf16 autocast (--amp);
+    what still runs in fp32 does so for precision (the cross-axis products and GroupNorm under fp16, the
+    rotations, the Performer's exp), so TF32 stays off on CUDA, for matmuls and convolutions alike."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def all_sum(values, device):
     """Sum a list of floats over all processes."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -244,7 +262,7 @@ def load_checkpoint(path):
 def model_from_checkpoint(state, path, use_ema=True):
     """Rebuild the model a checkpoint describes, with its EMA weights when it has them and use_ema."""
     try:
-        model = CAT(config_from_dict(state["config"]))
+        model = build_model(config_from_dict(state["config"]))
         weights = state["model"]
         if use_ema and state.get("ema") is not None:
             weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
@@ -271,6 +289,21 @@ def check_out_dir(out_dir, needed_bytes):
                          f"{needed_bytes / 2**20:.0f} MiB (twice its size, for the atomic write)")
 
 
+# Flags a resumed run may change: where things are, how fast they run and what is logged. Every other flag sets
+# the schedule, the data order or the augmentation, so --resume refuses a change to it (the model flags are
+# checked as a whole, through the config). A finished cosine schedule cannot be extended in place: more
+# --epochs would send the learning rate back up; --init-from starts a new schedule from the weights instead.
+RESUME_MAY_CHANGE = {"data_dir", "download", "strict_images", "workers", "compile", "amp", "peak_tflops",
+                     "out_dir", "resume", "eval_every", "save_every", "log_every", "model", *MODEL_HELP}
+
+
+def changed_flags(saved, args, parser):
+    """['--flag new (was old)', ...] for the flags outside RESUME_MAY_CHANGE that differ from the saved args."""
+    was = {name: saved.get(name, parser.get_default(name)) for name in vars(args)}
+    return [f"--{name.replace('_', '-')} {value} (was {was[name]})" for name, value in vars(args).items()
+            if name not in RESUME_MAY_CHANGE and value != was[name]]
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -287,27 +320,35 @@ def set_rng_state(state):
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, device, amp, workers=0, rank=0, world=1, progress=False):
-    """top-1, top-5 (percent), mean loss, images/s over `dataset`, each process taking every world-th image."""
+    """top-1, top-5 (percent), mean loss, images/s over `dataset`, each process taking every world-th image.
+    Unreadable files (label -1, see data.py) are left out of every figure and counted in `left_out`."""
     shard = Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_sigint)
     was_training = model.training
     model.eval()
-    correct1 = correct5 = loss_sum = count = 0.0
+    correct1 = correct5 = loss_sum = count = left_out = 0.0
     start = time.perf_counter()
     for images, labels, _ in tqdm(loader, desc="eval", leave=False, disable=not progress):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images).float()
+        readable = labels >= 0
+        logits, labels = logits[readable], labels[readable]
+        left_out += len(readable) - len(labels)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == labels).sum().item()
         correct5 += (top == labels[:, None]).any(1).sum().item()
         count += len(labels)
     seconds = time.perf_counter() - start
-    correct1, correct5, loss_sum, count, seconds = all_sum([correct1, correct5, loss_sum, count, seconds], device)
+    correct1, correct5, loss_sum, count, left_out, seconds = all_sum(
+        [correct1, correct5, loss_sum, count, left_out, seconds], device)
     model.train(was_training)
+    if count == 0:
+        raise data.DataError(f"no readable images to evaluate: all {int(left_out)} files failed to load")
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count,
-            "images_per_s": count / (seconds / world), "images": int(count)}
+            "images_per_s": (count + left_out) / (seconds / world), "images": int(count), "left_out": int(left_out)}
 
 
 def autocast(device, amp):
@@ -354,6 +395,7 @@ def build_optimizer(model, args, device, total_steps):
 
 def train(args, parser):
     rank, world, device = setup_distributed()
+    fp32_means_fp32()
     if device.type == "cpu":
         keep_freed_memory()
     is_main = rank == 0
@@ -380,7 +422,7 @@ def train(args, parser):
         parser.error(f"--batch-size {args.batch_size} x --accum {args.accum} x {world} processes is more than "
                      f"the {len(train_set)} training images")
 
-    model = CAT(config).to(device)
+    model = build_model(config).to(device)
     flops_per_image = count_flops(config, res)
     check_out_dir(args.out_dir, needed_bytes=2 * 4 * model.num_params() * (4 if args.ema else 3) + 2**20)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -393,6 +435,10 @@ def train(args, parser):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     mixer = data.batch_mixer(config.num_classes, mixup=args.mixup, cutmix=args.cutmix)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    # The same initial weights on every process (seeded above); from here on each process draws its own
+    # dropout, drop-path and MixUp/CutMix, as in DeiT and timm. A resumed run restores each process's state.
+    torch.manual_seed(data.mix_seed(args.seed, rank))
+    random.seed(data.mix_seed(args.seed, rank))
 
     step = epoch = step_in_epoch = 0
     train_seconds = 0.0                                       # time in training steps, not eval or saving
@@ -403,6 +449,11 @@ def train(args, parser):
             parser.error(str(error))
         if state["config"] != asdict(config):
             parser.error(f"{ckpt_path} was trained with a different model; resume with the same flags")
+        changed = changed_flags(state["args"], args, parser)
+        if changed:
+            parser.error(f"{ckpt_path} was trained with other values of flags that set the schedule or the data: "
+                         f"{', '.join(changed)}. Resume with the run's own values; to train on from these weights "
+                         f"with a new schedule, start a new run with --init-from {ckpt_path}")
         if state["world_size"] != world:
             parser.error(f"{ckpt_path} was written by {state['world_size']} process(es), this run has {world}: "
                          f"the data order and random streams depend on it, so resume with "
