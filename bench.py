@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model import LINEAR_ABOVE, build_model, PRESETS, count_flops, cross_axis_attention
-from train import PEAK_FLOPS, fp32_means_fp32, keep_freed_memory, non_negative_int, positive_int
+from train import PEAK_FLOPS, bf16_is_fast, fp32_means_fp32, keep_freed_memory, non_negative_int, positive_int
 
 
 def parse_args(argv=None):
@@ -39,12 +39,16 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda when available")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on with CUDA)")
+                        help="bf16 autocast (default: on with CUDA and on CPUs with AMX or AVX512-BF16)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile each model (default: on with CUDA)")
     parser.add_argument("--crossover-widths", type=positive_int, nargs="*", default=[8, 16, 32, 64, 96, 128, 192],
                         help="grid widths for the quadratic/linear timing (none: skip it)")
     parser.add_argument("--timm", action="store_true", help="add timm's ViT of the vit-paper size, if installed")
+    parser.add_argument("--features", action="store_true",
+                        help="time forward_features (the backbone, no head) instead of the classifier")
+    parser.add_argument("--grad-checkpoint", action="store_true",
+                        help="also time each model with gradient checkpointing (rows named MODEL+gc)")
     parser.add_argument("--smoke", action="store_true", help="tiny models at 32/64 px, one round: seconds")
     parser.add_argument("--os-allocator", action="store_true", help="CPU: leave glibc returning freed memory to "
                         "the OS (default: keep it, see train.keep_freed_memory)")
@@ -60,7 +64,7 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (1 if cpu else 32)
     args.iters = args.iters or (2 if cpu else 20)
     args.min_seconds = (10 if cpu else 2) if args.min_seconds is None else args.min_seconds
-    args.amp = not cpu if args.amp is None else args.amp
+    args.amp = bf16_is_fast(torch.device(args.device)) if args.amp is None else args.amp
     args.compile = not cpu if args.compile is None else args.compile
     for res in args.res:
         for name in args.models:
@@ -82,9 +86,9 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def activation_bytes(model, images, autocast):
-    """Bytes autograd keeps for the backward pass of one forward (distinct storages, weights excluded):
-    the memory that grows with resolution, measurable on any device."""
+def activation_bytes(run, model, images, autocast):
+    """Bytes autograd keeps for the backward pass of one forward, run(images) (distinct storages, the weights of
+    `model` excluded): the memory that grows with resolution, measurable on any device."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -95,11 +99,13 @@ def activation_bytes(model, images, autocast):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast():
-        model(images)
+        run(images)
     return sum(storages.values())
 
 
 def build(name, res, args, device):
+    """(the timed callable, the module, its config): the model's forward, or forward_features with --features,
+    compiled with --compile. A name ending in +gc is the preset with gradient checkpointing."""
     if name == "timm-vit":
         import timm
         base = PRESETS["vit-paper"]
@@ -108,17 +114,34 @@ def build(name, res, args, device):
             mlp_ratio=base.mlp_ratio, num_classes=base.num_classes)
         config = base
     else:
-        config = replace(PRESETS[name], img_size=res)
+        config = replace(PRESETS[name.removesuffix("+gc")], img_size=res, grad_checkpoint=name.endswith("+gc"))
         model = build_model(config)
     model = model.to(device)
-    return (torch.compile(model) if args.compile else model), model, config
+    run = model.forward_features if args.features else model
+    return (torch.compile(run) if args.compile else run), model, config
 
 
-def benchmark(args):
+def matmul_rate(device, dtype, seconds=2.0):
+    """FLOP/s of one large matmul, (3136 x 1024) @ (1024 x 3072): what this device's matrix units deliver, the
+    ceiling a model's training step can approach."""
+    a = torch.randn(3136, 1024, device=device, dtype=dtype)
+    b = torch.randn(1024, 3072, device=device, dtype=dtype)
+    timed(lambda: a @ b, device)                                       # warm-up
+    count, elapsed = 0, 0.0
+    while elapsed < seconds:
+        elapsed += timed(lambda: a @ b, device)
+        count += 1
+    return 2 * 3136 * 1024 * 3072 * count / elapsed
+
+
+def benchmark(args, matmul_peak=None):
+    """Rows of speed and memory per model and resolution. MFU is against the device's bf16 peak on known GPUs,
+    else against matmul_peak (the measured matmul rate of the dtype the models run in)."""
     device = torch.device(args.device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    names = list(args.models)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
+                matmul_peak)
+    names = [*args.models, *([f"{name}+gc" for name in args.models] if args.grad_checkpoint else [])]
     if args.timm:
         try:
             import timm  # noqa: F401
@@ -134,7 +157,8 @@ def benchmark(args):
 
         def train_step(model, classes):
             with autocast():
-                loss = F.cross_entropy(model(images).float(), labels % classes)
+                out = model(images).float()
+                loss = out.mean() if args.features else F.cross_entropy(out, labels % classes)
             loss.backward()
 
         def forward_step(model):
@@ -160,7 +184,8 @@ def benchmark(args):
                    "rounds": len(times[name]["train"]),
                    "train_images_per_s": args.batch_size / train_s, "forward_images_per_s": args.batch_size / forward_s,
                    "gflops": flops / 1e9 if flops else None, "params_m": raw_params(raw) / 1e6,
-                   "activation_mib": activation_bytes(raw, images, autocast) / 2**20}
+                   "activation_mib": activation_bytes(raw.forward_features if args.features else raw, raw, images,
+                                                      autocast) / 2**20}
             if flops:
                 row["train_tflops_per_s"] = 3 * flops * row["train_images_per_s"] / 1e12
                 row["mfu"] = row["train_tflops_per_s"] * 1e12 / peak if peak else None
@@ -241,11 +266,15 @@ def main(argv=None):
     print(f"bench on {where}, batch {args.batch_size}, median of >= {args.iters} timed round(s) (and >= "
           f"{args.min_seconds:g} s) after {args.warmup}, amp={args.amp}, compile={args.compile}, "
           f"torch {torch.__version__}")
+    rates = {name: matmul_rate(torch.device(args.device), dtype, 0.2 if args.smoke else 2.0)
+             for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    print("matmul (3136 x 1024) @ (1024 x 3072): " + ", ".join(f"{name} {rate / 1e12:.2f} TFLOP/s"
+                                                            for name, rate in rates.items()))
     print(HEADER)
-    rows = benchmark(args)
+    rows = benchmark(args, rates["bf16" if args.amp else "fp32"])
     fast = args.models[0]
     slow = "vit-paper" if "vit-paper" in args.models[1:] else args.models[1] if len(args.models) > 1 else None
-    result = {"device": where, "args": vars(args), "rows": rows}
+    result = {"device": where, "args": vars(args), "matmul_flops_per_s": rates, "rows": rows}
     if slow:
         result["ratios"] = ratios(rows, fast, slow)
         print(f"\n{fast} / {slow}:  res  train speed  forward speed  FLOP ratio")

@@ -198,11 +198,16 @@ class SeededDataset(Dataset):
     def __init__(self, classes, transform, seed=0, strict_images=False, where="", omit_unreadable=False):
         self.classes, self.transform, self.seed = list(classes), transform, seed
         self.strict_images, self.where, self.omit_unreadable = strict_images, where, omit_unreadable
-        self.epoch = 0
+        # In shared memory, so that set_epoch reaches the persistent DataLoader workers' copies too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._warned = set()
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self):
+        return int(self._epoch)
 
     def __getitem__(self, item):
         """item: an index, or (index, copy) for the copies of repeated augmentation (ShardedSampler)."""
@@ -357,11 +362,14 @@ def build_dataset(name, root, split, res, *, train_aug=None, download=False, str
 # sampler
 
 class ShardedSampler(Sampler):
-    """DDP-aware sampler: a permutation seeded by (seed, epoch) only (never the global RNG), cut into disjoint
-    strided shards of equal length, one per rank. repeats > 1 is repeated augmentation: each index appears
-    `repeats` times in a row before sharding, as (index, copy), so its copies go to different ranks (when
-    num_replicas >= repeats) and get different augmentations (SeededDataset seeds each copy); each rank still
-    yields ceil(length / num_replicas) samples an epoch.
+    """DDP-aware sampler: a permutation seeded by (seed, epoch) only (never the global RNG), the epoch's global
+    order, dealt out in turn over the ranks: position p of it goes to rank p % num_replicas, so every step of
+    batch B x accumulation A on W ranks consumes the next B * A * W positions of that order, whatever W is.
+    An epoch can therefore continue on another number of ranks (set_epoch's `consumed`): the rest of the order
+    is dealt out over the new ranks, and no sample is skipped or repeated. repeats > 1 is repeated
+    augmentation: each index appears `repeats` times in a row in the order, as (index, copy), so its copies go
+    to different ranks (when num_replicas >= repeats) and get different augmentations (SeededDataset seeds each
+    copy); each rank still yields ceil(length / num_replicas) samples an epoch.
     Without drop_last the list is padded by wrapping around (so a few samples repeat, also with shuffle=False)."""
 
     def __init__(self, length, num_replicas=1, rank=0, shuffle=True, seed=0, repeats=1, drop_last=False):
@@ -370,34 +378,45 @@ class ShardedSampler(Sampler):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
         self.length, self.num_replicas, self.rank = length, num_replicas, rank
-        self.shuffle, self.seed, self.repeats = shuffle, seed, repeats
+        self.shuffle, self.seed, self.repeats, self.drop_last = shuffle, seed, repeats, drop_last
         self.per_rank = length // num_replicas if drop_last else math.ceil(length / num_replicas)
         if self.per_rank == 0:
             raise ValueError(f"drop_last with {length} samples and {num_replicas} ranks leaves no samples")
-        self.epoch, self.start = 0, 0
+        self.epoch, self.consumed = 0, 0
 
-    def set_epoch(self, epoch, start=0):
-        """start = how many of this rank's samples this epoch were already consumed (exact mid-epoch resume)."""
+    def set_epoch(self, epoch, start=0, consumed=None):
+        """start: how many of this rank's samples this epoch were already consumed (exact mid-epoch resume on
+        the same ranks). consumed: how many positions of the epoch's global order all ranks together consumed,
+        possibly on another number of ranks; it replaces start."""
         if not 0 <= start <= self.per_rank:
             raise ValueError(f"start must be in 0..{self.per_rank}, got {start}")
-        self.epoch, self.start = epoch, start
+        if consumed is not None and consumed < 0:
+            raise ValueError(f"consumed must be >= 0, got {consumed}")
+        self.epoch = epoch
+        self.consumed = start * self.num_replicas if consumed is None else consumed
 
-    def rank_indices(self):
-        """This rank's full list of indices for the current epoch (ignoring start)."""
+    def epoch_order(self):
+        """The epoch's global order: indices, or (index, copy) rows with repeats."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.length, generator=generator)
         else:
             order = torch.arange(self.length)
-        total = self.per_rank * self.num_replicas
         if self.repeats > 1:
             order = torch.stack([order.repeat_interleave(self.repeats),
                                  torch.arange(self.repeats).repeat(self.length)], 1)   # (index, copy) rows
-        order = order.repeat(math.ceil(total / len(order)), *[1] * (order.dim() - 1))[:total]  # pad by wrapping
-        return [tuple(i) if isinstance(i, list) else i for i in order[self.rank::self.num_replicas].tolist()]
+        return order
+
+    def rank_indices(self):
+        """This rank's share of the rest of the epoch: positions consumed + rank + k * num_replicas of the
+        order (wrapping around to pad)."""
+        order = self.epoch_order()
+        positions = self.consumed + self.rank + self.num_replicas * torch.arange(len(self))
+        return [tuple(i) if isinstance(i, list) else i for i in order[positions % len(order)].tolist()]
 
     def __iter__(self):
-        return iter(self.rank_indices()[self.start:])
+        return iter(self.rank_indices())
 
     def __len__(self):
-        return self.per_rank - self.start
+        left = max(self.length - self.consumed, 0)
+        return left // self.num_replicas if self.drop_last else math.ceil(left / self.num_replicas)

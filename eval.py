@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 import data
 from model import PRESETS, config_from_dict, count_flops
-from train import (CheckpointError, add_model_flags, evaluate, fp32_means_fp32, keep_freed_memory, load_checkpoint,
-                   model_from_checkpoint, model_overrides, non_negative_int, positive_int, setup_distributed)
+from train import (CheckpointError, add_model_flags, bf16_is_fast, default_workers, eval_loader, evaluate,
+                   fp32_means_fp32, keep_freed_memory, load_checkpoint, model_from_checkpoint, model_overrides,
+                   non_negative_int, positive_int, setup_distributed)
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "cat-tiny-shapes", "ckpt.pt")   # where the default run writes
 
@@ -34,11 +35,11 @@ def parse_args(argv=None):
     parser.add_argument("--strict-images", action="store_true", help="stop at an unreadable image")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="per process (default 128)")
     parser.add_argument("--workers", type=non_negative_int, default=None,
-                        help="DataLoader workers (default: 4 on CUDA, 1 on CPU)")
+                        help="DataLoader workers (default: as train.py)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use the EMA weights when the checkpoint has them (default: yes)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on with CUDA)")
+                        help="bf16 autocast (default: on with CUDA and on CPUs with AMX or AVX512-BF16)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_model_flags(parser)                      # e.g. --form linear; anything that changes weights fails clearly
     parser.set_defaults(model=None)
@@ -80,8 +81,8 @@ def main(argv=None):
     cuda = device.type == "cuda"
     if not cuda:
         keep_freed_memory()
-    amp = cuda if args.amp is None else args.amp
-    workers = args.workers if args.workers is not None else (4 if cuda else 1)
+    amp = bf16_is_fast(device) if args.amp is None else args.amp
+    workers = default_workers(device) if args.workers is None else args.workers
     model.to(device)
     rows = []
     try:
@@ -93,8 +94,8 @@ def main(argv=None):
                 parser.error(str(error))
             if len(dataset.classes) != config.num_classes:
                 parser.error(f"{name} has {len(dataset.classes)} classes, the checkpoint's model {config.num_classes}")
-            metrics = evaluate(model, dataset, args.batch_size, device, amp, workers, rank, world,
-                               progress=rank == 0)
+            loader = eval_loader(dataset, args.batch_size, device, workers, rank, world)
+            metrics = evaluate(model, loader, device, amp, world, progress=rank == 0)
             rows.append({"res": res, **metrics, "gflops": count_flops(config, res) / 1e9,
                          "params_m": model.num_params() / 1e6})
     finally:

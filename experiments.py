@@ -1,7 +1,8 @@
-"""The README's real-data results: CAT vs ViT vs Performer, and the CAT paper's ablations, on tiny-imagenet-20.
+"""The README's real-data results: CAT vs ViT, Performer and Swin, and the CAT paper's ablations, on tiny-imagenet-20.
 
     python experiments.py --data-dir ../shared/data/tiny-imagenet-20        # every table: about 3 h on 2 CPU cores
     python experiments.py --data-dir ... --tables families                  # one table
+    python experiments.py --data-dir ... --runs performer-tiny-s0           # one run of the tables
     python experiments.py --report                                          # the tables from finished runs
 
 Each run is `python train.py ...` then `python eval.py --res 64 96 128` (also 192 and 256 for the rotaries that
@@ -33,6 +34,7 @@ SHAPES = ["--data", "shapes", "--model", "cat-tiny", "--epochs", "1", "--seed", 
 IMPRINTS = {"none": "Baseline Cross-Axis", "constant": "w/ Embedding Imprint",     # paper Table 4 rows
             "tanh_decay": "w/ Tanh Residual", "tanh_grow": "w/ Backwards Tanh Residual"}
 POSITIONS = ["none", "ape", "cat", "axial", "mixed", "ape+axial", "ape+mixed"]
+SWIN_POSITIONS = ["rpb", "axial", "mixed", "rpb+axial", "rpb+mixed", "swinv2"]     # model.SWIN_POS
 CAT_DEFAULT_CANDIDATES = ["axial", "mixed"]    # the rotaries closest to cat-tiny's own `cat`: on every seed
 
 
@@ -45,6 +47,10 @@ def position_run(family, pos, seed=0):
     if pos == own:
         return f"{family}-tiny-s{seed}"
     return f"{family}-pos-{pos.replace('+', '-')}" + (f"-s{seed}" if seed else "")
+
+
+def swin_run(pos):
+    return "swin-tiny-s0" if pos == "rpb" else f"swin-pos-{pos.replace('+', '-')}"   # rpb: swin-tiny's own
 
 
 def runs(tables, seeds):
@@ -67,6 +73,9 @@ def runs(tables, seeds):
         for seed in seeds[1:]:
             for pos in ["cat", *CAT_DEFAULT_CANDIDATES]:
                 other_seeds[position_run("cat", pos, seed)] = ["--model", "cat-tiny", "--pos", pos, "--seed", str(seed)]
+    if "swin" in tables:
+        for pos in SWIN_POSITIONS:
+            plan[swin_run(pos)] = ["--model", "swin-tiny", "--pos", pos, "--seed", "0"]
     if "axis" in tables:
         plan["cat-tiny-s0"] = ["--model", "cat-tiny", "--seed", "0"]
         plan["cat-axis-row"] = ["--model", "cat-tiny", "--axis", "row", "--seed", "0"]
@@ -97,7 +106,7 @@ def finished(name, res=()):
 def train_arguments(flags, out, data_dir, epochs):
     """train.py's arguments for one run: the shared recipe (not for shapes), the run's own flags, its folder."""
     recipe = [] if flags[:2] == SHAPES[:2] else [*RECIPE, "--data-dir", data_dir, "--epochs", str(epochs)]
-    return [*recipe, *flags, "--out-dir", out]
+    return [*recipe, *flags, "--out-dir", out, "--no-amp"]       # these tables were measured in fp32
 
 
 def run(name, flags, res, args):
@@ -107,7 +116,7 @@ def run(name, flags, res, args):
     training = [sys.executable, "train.py", *train_arguments(flags, out, args.data_dir, args.epochs)]
     if os.path.exists(os.path.join(out, "ckpt.pt")):
         training.append("--resume")
-    evaluation = [sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--workers", "1",
+    evaluation = [sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--workers", "1", "--no-amp",
                   *(["--res", *map(str, res)] if res else []), "--json", os.path.join(out, "eval.json")]
     for command in ([] if finished(name) else [training]) + [evaluation]:
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
@@ -163,7 +172,7 @@ def report(seeds, epochs):
              f"mean (each))", ""]
     lines += ["| model | top-1 @ equal epochs | train img/s | train time (s) | top-1 @ ViT's time |",
               "| --- | --- | --- | --- | --- |"]
-    for name in ["cat-tiny", "vit-tiny", "vit-tiny-mlp1", "performer-tiny", "cat-ref-tiny"]:
+    for name in ["cat-tiny", "vit-tiny", "vit-tiny-mlp1", "performer-tiny", "cat-ref-tiny", "swin-tiny"]:
         done = [f"{name}-s{s}" for s in seeds if finished(f"{name}-s{s}")]
         seconds, speed = zip(*map(training, done)) if done else ((), ())
         equal = cell([top1(f"cat-tiny-time-s{s}") for s in seeds]) if name == "cat-tiny" else "-"
@@ -181,6 +190,10 @@ def report(seeds, epochs):
     for pos in ["cat", *CAT_DEFAULT_CANDIDATES]:
         lines.append(f"| `{pos}` | " + " | ".join(cell(position_top1s("cat", pos, r, seeds))
                                                   for r in EVAL_RES + FAR_RES) + " |")
+    lines += ["", "| swin-tiny position | " + " | ".join(f"{r} px" for r in EVAL_RES) + " |",
+              "| --- " * (1 + len(EVAL_RES)) + "|"]
+    for pos in SWIN_POSITIONS:
+        lines.append(f"| `{pos}` | " + " | ".join(cell([top1(swin_run(pos), r)]) for r in EVAL_RES) + " |")
     lines += ["", "| axis (cat rotary) | tiny-imagenet-20 top-1 | shapes top-1 (1 epoch) |", "| --- | --- | --- |",
               f"| `alternate` | {cell([top1('cat-tiny-s0')])} | {cell([top1('shapes-axis-alternate')])} |",
               f"| `row` | {cell([top1('cat-axis-row')])} | {cell([top1('shapes-axis-row')])} |"]
@@ -229,8 +242,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "tiny-imagenet-20"),
                         help="an imagefolder tree (default ../shared/data/tiny-imagenet-20)")
-    parser.add_argument("--tables", nargs="+", default=["families", "imprint", "positions", "axis"],
-                        choices=["families", "imprint", "positions", "axis"], help="default: all four")
+    parser.add_argument("--tables", nargs="+", default=["families", "imprint", "positions", "swin", "axis"],
+                        choices=["families", "imprint", "positions", "swin", "axis"], help="default: all five")
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help="only these runs of the tables (by name, e.g. performer-tiny-s0); default: all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the families table")
     parser.add_argument("--epochs", type=positive_int, default=3,
                         help="the budget of every tiny-imagenet run (default 3)")
@@ -245,6 +260,11 @@ def main():
         while True:             # an equal-time run goes first as soon as its two runs have finished
             todo = {**(equal_time_runs(args.seeds, args.epochs) if "families" in args.tables else {}),
                     **runs(args.tables, args.seeds)}
+            if args.runs:
+                unknown = sorted(set(args.runs) - set(todo))
+                if unknown:
+                    parser.error(f"--runs: no run named {', '.join(unknown)} in the tables {' '.join(args.tables)}")
+                todo = {name: flags for name, flags in todo.items() if name in args.runs}
             res = {name: resolutions(name, flags, args.seeds) for name, flags in todo.items()}
             name = next((name for name in todo if not finished(name, res[name])), None)
             if name is None:
@@ -253,10 +273,14 @@ def main():
     print(report(args.seeds, args.epochs))
     if args.plot:
         plot(args.plot, args.seeds)
-    if args.json:
+    if args.json:                 # runs finished here update the file; the others' entries are kept
+        results = {}
+        if os.path.exists(args.json):
+            with open(args.json) as f:
+                results = json.load(f)
+        results.update(raw_results({**equal_time_runs(args.seeds, args.epochs), **runs(args.tables, args.seeds)}))
         with open(args.json, "w") as f:
-            json.dump(raw_results({**equal_time_runs(args.seeds, args.epochs), **runs(args.tables, args.seeds)}),
-                      f, indent=1)
+            json.dump(results, f, indent=1)
         print(f"every finished run: {args.json}")
 
 

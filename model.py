@@ -45,6 +45,7 @@ class CATConfig:
     axis: str = "alternate"         # row: the paper's; alternate: odd blocks swap H and W (SPEC 2.1)
     form: str = "auto"              # cross-axis product order: auto | quadratic | linear
     mid_norm: bool = False          # ablation: normalise the scores between the two products (paper Sec. 4)
+    xy_mask: bool = False           # ablation: the learned X/Y mask of the paper's Table 4 (FocusMask)
     performer_kernel: str = "favor"  # favor: positive orthogonal random features; relu
     performer_features: int = 64    # random features per head for favor
     pos: str = "cat"                # rope2d.SCHEMES
@@ -83,6 +84,8 @@ class CATConfig:
         if rotary and (self.dim // self.heads) % (2 if rotary == "cat_ref" else 4):
             raise ValueError(f"head dim dim/heads = {self.dim // self.heads} must be divisible by "
                              f"{2 if rotary == 'cat_ref' else 4} for pos={self.pos!r}")
+        if self.xy_mask and self.attn != "cross_axis":
+            raise ValueError("xy_mask needs attn='cross_axis': it weights the cross-axis scores")
         if self.mid_norm and (self.attn != "cross_axis" or self.form == "linear"):
             raise ValueError("mid_norm needs attn='cross_axis' and form 'quadratic' or 'auto': "
                              "a normalisation between the products cannot be re-associated")
@@ -163,6 +166,29 @@ def cross_axis_attention(q, k, v, form="auto", mid_norm=False):
     return (scores.flatten(2, 3) @ vbar).view(q.shape)               # (B, h, H*W, d) -> (B, h, H, W, d)
 
 
+class FocusMask(nn.Module):
+    """The learned X/Y mask (paper Table 4, SPEC 2.3): a small head predicts one (x, y) focus per image from the
+    patch embedding E, and the score of every key at L1 distance r from it (coordinates in [-1, 1]) is
+    multiplied by exp(-rate_n r), a learned decay rate per head n. The weight belongs to the key's position
+    alone, so it scales k, and both product orders stay exact: S[i, j, j'] w[i, j'] = <q[i, j], w[i, j'] k[i, j']>.
+    """
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.focus = nn.Linear(dim, 2)
+        self.rate = nn.Parameter(torch.zeros(heads))                    # softplus(0) = 0.69: a gentle start
+
+    def forward(self, embed, cls_column=False):                        # E (B, H, W', D) -> w (B, h, H, W', 1)
+        patches = embed[:, :, :-1] if cls_column else embed
+        B, H, W = patches.shape[:3]
+        fx, fy = torch.tanh(self.focus(patches.float().mean((1, 2)))).unbind(-1)   # (B,) each, in [-1, 1]
+        x = torch.linspace(-1, 1, W, device=embed.device).view(1, 1, W) - fx.view(B, 1, 1)
+        y = torch.linspace(-1, 1, H, device=embed.device).view(1, H, 1) - fy.view(B, 1, 1)
+        distance = (x.abs() + y.abs()).unsqueeze(1)                     # (B, 1, H, W)
+        weights = torch.exp(-F.softplus(self.rate).view(1, -1, 1, 1) * distance)      # (B, h, H, W)
+        return F.pad(weights, (0, int(cls_column)), value=1.0).unsqueeze(-1)       # the class token: weight 1
+
+
 def imprint_alpha(mode, layer, depth):
     """Weight of the embedding imprint in block `layer` (SPEC 2.3; paper Table 4)."""
     t = math.tanh(math.pi * layer / depth)
@@ -175,7 +201,7 @@ def imprint_alpha(mode, layer, depth):
 class Attention(nn.Module):
     """What every attention here shares: the qkv projection (+ imprint), heads, positions, output.
 
-    Subclasses define attend(q, k, v, cls_column) on (B, h, H, W, d) tensors.
+    Subclasses define attend(q, k, v, cls_column, embed) on (B, h, H, W, d) tensors (embed: E, for FocusMask).
     """
 
     def __init__(self, cfg, layer):
@@ -194,7 +220,7 @@ class Attention(nn.Module):
             qkv = qkv.add(embed.unsqueeze(3).to(qkv.dtype), alpha=alpha)
         # unbind, then permute: the backward pass stacks the three gradients straight into the Linear's layout
         q, k, v = (t.permute(0, 3, 1, 2, 4) for t in qkv.view(B, H, W, 3, self.heads, -1).unbind(3))
-        o = self.attend(q, k, v, cls_column)                         # (B, h, H, W, d)
+        o = self.attend(q, k, v, cls_column, embed)                  # (B, h, H, W, d)
         return self.drop(self.proj(o.permute(0, 2, 3, 1, 4).reshape(B, H, W, D)))
 
     def rotate(self, q, k, cls_column):
@@ -221,18 +247,22 @@ class CrossAxisAttention(Attention):
         # RetNet's gamma on k of head n. The GroupNorm that follows cancels it (up to eps); kept for fidelity.
         gamma = 1 - 2.0 ** (-5 - torch.arange(cfg.heads, dtype=torch.float32))
         self.register_buffer("gamma", gamma.view(-1, 1, 1, 1), persistent=False)
+        self.mask = FocusMask(cfg.dim, cfg.heads) if cfg.xy_mask else None
 
-    def attend(self, q, k, v, cls_column):
+    def attend(self, q, k, v, cls_column, embed=None):
         q, k = self.rotate(q, k, cls_column)
         k = k * self.gamma.to(k.dtype)
+        if self.mask is not None:
+            k = k * self.mask(embed, cls_column).to(k.dtype)
         if self.transpose:
             q, k, v = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)   # (B, h, W, H, d)
-        # The products are unscaled sums over d, W and H rows: at 768 px max|o| is ~1e4 already at init, near
-        # fp16's 65504, and bf16 keeps 8 bits of mantissa. They are <1% of the FLOPs at 224 px (~3% at 768),
-        # so under autocast they run in fp32, as does the GroupNorm after them. (The meta device of the FLOP
-        # counter has no autocast.)
-        with nullcontext() if q.is_meta else torch.autocast(q.device.type, enabled=False):
-            o = cross_axis_attention(q.float(), k.float(), v.float(), self.form, self.mid_norm)
+        # The products are unscaled sums over d, W and H rows: at 768 px max|o| is ~1e4 already at init. Under
+        # fp16 that nears its largest value (65504), so they run in fp32. bf16 has fp32's exponent range and its
+        # matmuls accumulate in fp32, so under bf16 they stay bf16; the per-head GroupNorm after them takes the
+        # scale out either way (and normalises in fp32 internally).
+        fp16 = q.dtype == torch.float16
+        with torch.autocast(q.device.type, enabled=False) if fp16 else nullcontext():
+            o = cross_axis_attention(*(t.float() if fp16 else t for t in (q, k, v)), self.form, self.mid_norm)
             if self.transpose:
                 o = o.transpose(2, 3)                                # back to (B, h, H, W, d)
             return self.norm(o)
@@ -258,7 +288,7 @@ def grid(o, H, cls_column):
 class SoftmaxAttention(Attention):
     """ViT's multi-head attention over all H*W tokens (and the class token) through scaled_dot_product_attention."""
 
-    def attend(self, q, k, v, cls_column):
+    def attend(self, q, k, v, cls_column, embed=None):
         q, k = self.rotate(q, k, cls_column)
         o = F.scaled_dot_product_attention(*(sequence(t, cls_column) for t in (q, k, v)))   # (B, h, N, d)
         return grid(o, q.shape[2], cls_column)
@@ -290,7 +320,7 @@ class PerformerAttention(Attention):
         shift = exponent.amax(-1, keepdim=True) if is_query else exponent.amax((-2, -1), keepdim=True)
         return torch.exp(exponent - shift.detach()) / math.sqrt(exponent.shape[-1])
 
-    def attend(self, q, k, v, cls_column):
+    def attend(self, q, k, v, cls_column, embed=None):
         B, h, H, W, d = q.shape
         fq, fk = (self.feature_map(t.float().flatten(2, 3), is_query).view(B, h, H, W, -1)   # fp32 for exp
                   for t, is_query in ((q, True), (k, False)))                              # (B, h, H, W, m)

@@ -186,8 +186,7 @@ class Swin(SwinTransformer):
     def forward_features(self, images):
         """(B, 3, R, R') -> the last stage after the final norm, (B, R/(p*2^(S-1)), R'/(p*2^(S-1)), C),
         sizes rounded up at each patch merging."""
-        check_images(images, self.config.patch)
-        return self.norm(self.features(images))
+        return self.forward_intermediates(images, [-1], output_fmt="NHWC")[0]
 
     def forward_head(self, features, pre_logits=False):
         """(B, H, W, C) -> mean-pooled (B, C) if pre_logits, else logits (B, num_classes)."""
@@ -207,11 +206,16 @@ class Swin(SwinTransformer):
             raise ValueError(f"stage indices must lie in [{-n}, {n}), got {indices}")
         wanted = {i % n for i in indices}
         check_images(images, self.config.patch)
-        x = self.features[0](images)                                   # (B, H, W, C) patch embedding + norm
+        # The residual stream keeps the weights' dtype under autocast (fp32, as in model.CAT): the patch
+        # embedding and every patch merging end in a bf16 matmul. A bf16 stream, and the embedding's LayerNorm
+        # on bf16, put 6-9% relative error into the gradients, against 0.4% for CAT (test_numerics.py).
+        dtype = self.head.weight.dtype
+        conv, to_channels_last, norm = self.features[0]
+        x = norm(to_channels_last(conv(images)).to(dtype))             # (B, H, W, C) patch embedding + norm
         out = []
         for i, stage in enumerate(stages[:max(wanted, default=-1) + 1]):   # no further than needed
             if i:
-                x = self.features[2 * i](x)                            # patch merging: grid / 2, width * 2
+                x = self.features[2 * i](x).to(dtype)                  # patch merging: grid / 2, width * 2
             x = stage(x)
             if i == n - 1:
                 x = self.norm(x)

@@ -1,11 +1,15 @@
-"""CAT as a backbone (issue 14): the feature API, reset_classifier, activation checkpointing, torch.export."""
+"""CAT as a backbone (issue 14): the feature API, reset_classifier, activation checkpointing, torch.export,
+fine-tuning from a checkpoint (train.py --init-from)."""
+import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.export import Dim
 
+import train
 from model import CAT, PRESETS, CATConfig
 
 FAMILIES = ("cross_axis", "softmax", "performer")
@@ -211,3 +215,54 @@ def test_export_with_dynamic_image_size():
     for size in [(3, 32, 40), (1, 48, 24), (2, 64, 64)]:
         images = torch.randn(size[0], 3, *size[1:])
         torch.testing.assert_close(program.module()(images), model(images), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+TINY_RUN = ["--dim", "32", "--depth", "2", "--heads", "2", "--workers", "0", "--log-every", "1"]
+
+
+def colour_folder(root, classes=("red", "blue"), per_class=(24, 8)):
+    """root/{train,val}/CLASS/*.png: noisy images whose mean colour gives the class."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (40, 40, 3))
+                pixels[..., 0 if c == 0 else 2] += 120
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_init_from_fine_tunes_on_new_classes_at_a_new_resolution(tmp_path):
+    """A run on shapes (8 classes, 32 px), then a fine-tune from its weights on a folder with 2 classes at 48 px:
+    a new head, the position table resized, a fresh schedule; and it learns."""
+    source = tmp_path / "shapes"
+    assert train.main([*TINY_RUN, "--res", "32", "--pos", "ape+mixed", "--shapes-size", "256", "--batch-size", "32",
+                       "--max-steps", "4", "--out-dir", str(source)]) == 0
+    weights = train.load_checkpoint(str(source / "ckpt.pt"))["model"]
+    tuned = tmp_path / "tuned"
+    assert train.main([*TINY_RUN, "--res", "48", "--pos", "ape+mixed", "--data", "imagefolder", "--data-dir",
+                       str(colour_folder(tmp_path / "colours")), "--batch-size", "8", "--lr", "3e-3", "--epochs", "4",
+                       "--init-from", str(source / "ckpt.pt"), "--out-dir", str(tuned)]) == 0
+    with open(tuned / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[0]["step"] == 0 and records[0]["config"]["num_classes"] == 2     # fresh schedule, new head
+    assert records[-1]["val_top1"] == 100.0                                          # chance: 50%
+    first = train.load_checkpoint(str(tuned / "ckpt.pt"))
+    assert first["model"]["ape.table"].shape == (1, 32, 6, 6) and weights["ape.table"].shape == (1, 32, 4, 4)
+
+
+def test_init_from_refuses_another_model_in_one_line(tmp_path, capsys):
+    source = tmp_path / "source"
+    assert train.main([*TINY_RUN, "--res", "32", "--shapes-size", "64", "--batch-size", "32", "--max-steps", "1",
+                       "--out-dir", str(source)]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY_RUN, "--res", "32", "--dim", "64", "--shapes-size", "64", "--max-steps", "1",
+                    "--init-from", str(source / "ckpt.pt"), "--out-dir", str(tmp_path / "other")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "differs from this run's in more than the head" in error and "dim 32 (here 64)" in error

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -96,6 +97,42 @@ def test_bad_form_and_mid_norm_with_linear_fail():
         cross_axis_attention(q, q, q, "linear", mid_norm=True)
     with pytest.raises(ValueError, match="mid_norm"):
         small(mid_norm=True, form="linear")
+
+
+def xy_masked_attention(**overrides):
+    torch.manual_seed(0)
+    attention = CrossAxisAttention(small(xy_mask=True, pos="none", **overrides), layer=0)
+    nn.init.normal_(attention.mask.focus.weight)                     # a focus away from the centre
+    return attention
+
+
+def test_xy_mask_multiplies_the_scores_and_keeps_both_forms_exact():
+    """Table 4's learned X/Y mask: scores S[i, j, j'] times exp(-rate |key - focus|_1), by the SPEC formula."""
+    attention = xy_masked_attention()
+    embed = torch.randn(2, 4, 5, 32)
+    q, k, v = (torch.randn(2, 2, 4, 5, 16) for _ in range(3))
+    fx, fy = torch.tanh(attention.mask.focus(embed.mean((1, 2)))).unbind(-1)
+    x, y = torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 4)
+    distance = (x.view(1, 1, 5) - fx.view(2, 1, 1)).abs() + (y.view(1, 4, 1) - fy.view(2, 1, 1)).abs()
+    weights = torch.exp(-F.softplus(attention.mask.rate).view(1, 2, 1, 1) * distance.unsqueeze(1))   # (B, h, H, W')
+    scores = torch.einsum("bhijd,bhikd->bhijk", q, k * attention.gamma) * weights.unsqueeze(3)
+    expected = attention.norm(torch.einsum("bhijk,bhkd->bhijd", scores, v.sum(2)))
+    for form in ("quadratic", "linear"):
+        attention.form = form
+        torch.testing.assert_close(attention.attend(q, k, v, False, embed), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_xy_mask_learns_and_leaves_the_class_token_alone():
+    attention = xy_masked_attention(pool="cls")
+    embed = torch.randn(2, 4, 6, 32)                                  # the last column: the class token
+    weights = attention.mask(embed, cls_column=True)
+    assert weights.shape == (2, 2, 4, 6, 1) and (weights[:, :, :, -1] == 1).all() and (weights[:, :, :, :-1] < 1).all()
+    model = CAT(small(xy_mask=True))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for block in model.blocks:
+        assert block.attn.mask.focus.weight.grad.abs().sum() > 0 and block.attn.mask.rate.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="xy_mask needs attn='cross_axis'"):
+        small(xy_mask=True, attn="softmax")
 
 
 def test_mid_norm_changes_the_output():
@@ -228,9 +265,10 @@ def test_rotation_is_fp32_under_autocast():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cross_axis_products_stay_fp32_under_autocast(dtype):
+def test_cross_axis_products_stay_finite_under_autocast(dtype):
     """Large activations on a 96 x 96 grid (768 px, patch 8): the unscaled products reach ~1e7, past fp16's
-    65504. Under autocast they must still come out finite and match the fp32 computation."""
+    65504. Under autocast they must still come out finite and match the fp32 computation: fp16 runs them in
+    fp32, bf16 (fp32's exponent range) in bf16."""
     torch.manual_seed(0)
     attention = CrossAxisAttention(small(pos="cat", dim=64, heads=4), layer=0)
     x = 20 * torch.randn(1, 96, 96, 64)
