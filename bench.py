@@ -118,14 +118,21 @@ def build(name, res, args, device):
         model = build_model(config)
     model = model.to(device)
     run = model.forward_features if args.features else model
-    return (torch.compile(run) if args.compile else run), model, config
+    # dynamic=False: each resolution gets its own static graph. (By default the second shape a forward sees makes
+    # dynamo recompile it for any shape, with slower kernels.)
+    return (torch.compile(run, dynamic=False) if args.compile else run), model, config
 
 
-def matmul_rate(device, dtype, seconds=2.0):
+def matmul_rate(device, dtype, seconds=2.0, weight_gradient=False):
     """FLOP/s of one large matmul, (3136 x 1024) @ (1024 x 3072): what this device's matrix units deliver, the
-    ceiling a model's training step can approach."""
+    ceiling a model's training step can approach. weight_gradient: the same FLOPs in the layout of a Linear's
+    weight gradient, grad_out^T @ input, (1024 x 3136)^T-strided @ (3136 x 3072), which contracts over the
+    leading dimension of both operands (a third of a training step's matmul FLOPs)."""
     a = torch.randn(3136, 1024, device=device, dtype=dtype)
     b = torch.randn(1024, 3072, device=device, dtype=dtype)
+    if weight_gradient:
+        a, b = torch.randn(3136, 1024, device=device, dtype=dtype).t(), torch.randn(3136, 3072, device=device,
+                                                                                     dtype=dtype)
     timed(lambda: a @ b, device)                                       # warm-up
     count, elapsed = 0, 0.0
     while elapsed < seconds:
@@ -266,8 +273,10 @@ def main(argv=None):
     print(f"bench on {where}, batch {args.batch_size}, median of >= {args.iters} timed round(s) (and >= "
           f"{args.min_seconds:g} s) after {args.warmup}, amp={args.amp}, compile={args.compile}, "
           f"torch {torch.__version__}")
-    rates = {name: matmul_rate(torch.device(args.device), dtype, 0.2 if args.smoke else 2.0)
+    seconds = 0.2 if args.smoke else 2.0
+    rates = {name: matmul_rate(torch.device(args.device), dtype, seconds)
              for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    rates["bf16 weight gradient"] = matmul_rate(torch.device(args.device), torch.bfloat16, seconds, True)
     print("matmul (3136 x 1024) @ (1024 x 3072): " + ", ".join(f"{name} {rate / 1e12:.2f} TFLOP/s"
                                                             for name, rate in rates.items()))
     print(HEADER)

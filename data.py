@@ -47,7 +47,7 @@ SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 SHAPES_CLASSES = [f"{size} red {relation} {SIZES[1 - s]} blue"
                   for s, size in enumerate(SIZES) for relation in RELATIONS]
-SHAPES_SIZES = {"train": 16000, "val": 2000}
+SHAPES_SIZES = {"train": 12000, "val": 2000}
 SIZE_RANGES = {"small": (0.14, 0.20), "large": (0.28, 0.36)}  # side / diameter as a fraction of the image side
 OUTLINES = ("disc", "square")
 SHAPE_GAP = 0.04                 # least empty space between the two shapes along the relation's axis

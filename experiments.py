@@ -30,7 +30,8 @@ EVAL_RES = [64, 96, 128]
 FAR_RES = [192, 256]                             # 3x and 4x: only for cat-tiny's candidate rotaries (slow on CPU)
 CAT_REF_TINY = ["--model", "cat-tiny", "--pos", "cat_ref", "--axis", "row", "--imprint", "tanh_decay",
                 "--pool", "corner"]                                # the released code's behaviour at cat-tiny size
-SHAPES = ["--data", "shapes", "--model", "cat-tiny", "--epochs", "1", "--seed", "0"]   # train.py defaults, 1 epoch
+SHAPES = ["--data", "shapes", "--model", "cat-tiny", "--epochs", "1", "--seed", "0",   # 1 epoch of the 16,000
+          "--shapes-size", "16000"]                                                     # images it was measured on
 IMPRINTS = {"none": "Baseline Cross-Axis", "constant": "w/ Embedding Imprint",     # paper Table 4 rows
             "tanh_decay": "w/ Tanh Residual", "tanh_grow": "w/ Backwards Tanh Residual"}
 POSITIONS = ["none", "ape", "cat", "axial", "mixed", "ape+axial", "ape+mixed"]

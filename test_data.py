@@ -48,7 +48,7 @@ def test_shapes_classes_and_shape():
     image, label, skipped = ds[5]
     assert image.shape == (3, 48, 48) and image.dtype == torch.float32
     assert isinstance(label, int) and 0 <= label < 8 and skipped == 0
-    assert len(ds) == data.SHAPES_SIZES["train"] == 16000 and len(data.build_dataset("shapes", None, "val", 48)) == 2000
+    assert len(ds) == data.SHAPES_SIZES["train"] == 12000 and len(data.build_dataset("shapes", None, "val", 48)) == 2000
 
 
 def test_shapes_deterministic_and_splits_differ():
