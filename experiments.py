@@ -1,6 +1,6 @@
 """The README's real-data results: CAT vs ViT, Performer and Swin, and the CAT paper's ablations, on tiny-imagenet-20.
 
-    python experiments.py --data-dir ../shared/data/tiny-imagenet-20        # every table: about 3 h on 2 CPU cores
+    python experiments.py --data-dir ../shared/data/tiny-imagenet-20        # every table: about 3 h 20 min on 2 CPU cores
     python experiments.py --data-dir ... --tables families                  # one table
     python experiments.py --data-dir ... --runs performer-tiny-s0           # one run of the tables
     python experiments.py --report                                          # the tables from finished runs

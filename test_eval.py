@@ -165,6 +165,9 @@ def test_every_experiment_is_a_valid_train_command():
         assert args.data == ("shapes" if name.startswith("shapes") else "imagefolder")
     assert train.parse_args(experiments.train_arguments(plan["vit-pos-ape-mixed"], "o", "d", 3))[0].pos == "ape+mixed"
     assert train.parse_args(experiments.train_arguments(plan["cat-imprint-none"], "o", "d", 3))[0].imprint == "none"
+    swin = experiments.runs(["swin"], seeds=[0])
+    assert len(swin) == 6 and {train.parse_args(experiments.train_arguments(flags, "o", "d", 3))[0].pos
+                                for flags in swin.values()} == set(experiments.SWIN_POSITIONS)
     far = experiments.EVAL_RES + experiments.FAR_RES     # only cat-tiny's candidate rotaries go to 256 px
     assert [experiments.resolutions(name, plan[name], [0, 1]) for name in
             ["cat-tiny-s1", "cat-pos-mixed", "cat-pos-none", "vit-pos-mixed", "shapes-axis-row"]] == \
