@@ -168,7 +168,7 @@ def cross_axis_attention(q, k, v, form="auto", mid_norm=False):
 
 class FocusMask(nn.Module):
     """The learned X/Y mask (paper Table 4, SPEC 2.3): a small head predicts one (x, y) focus per image from the
-    patch embedding E, and the score of every key at L1 distance r from it (coordinates in [-1, 1]) is
+    patch embedding E (each block's attention has its own head, so the focus may differ from block to block), and the score of every key at L1 distance r from it (coordinates in [-1, 1]) is
     multiplied by exp(-rate_n r), a learned decay rate per head n. The weight belongs to the key's position
     alone, so it scales k, and both product orders stay exact: S[i, j, j'] w[i, j'] = <q[i, j], w[i, j'] k[i, j']>.
     """
