@@ -1,15 +1,20 @@
-"""The README's real-data results: CAT vs ViT, Performer and Swin, and the CAT paper's ablations, on tiny-imagenet-20.
+"""The README's results: CAT against ViT, Performer, Swin and a ResNet-18 on Imagenette, the CAT paper's Table 4,
+the 2D rotaries across resolutions, and the paper's 10-epoch headline.
 
-    python experiments.py --data-dir ../shared/data/tiny-imagenet-20        # every table: about 3 h 20 min on 2 CPU cores
-    python experiments.py --data-dir ... --tables families                  # one table
-    python experiments.py --data-dir ... --runs performer-tiny-s0           # one run of the tables
-    python experiments.py --report                                          # the tables from finished runs
+    python experiments.py                      # every run not finished yet, in the order below; about 13 h here
+    python experiments.py --runs cat-tiny-s0   # some runs only (by name; --list shows them all)
+    python experiments.py --commit             # commit the results file after each run (for long sweeps)
+    python experiments.py --report             # the tables and plots from the results file only
 
-Each run is `python train.py ...` then `python eval.py --res 64 96 128` (also 192 and 256 for the rotaries that
-could be cat-tiny's default) into runs/experiments/NAME. Finished runs are skipped and an interrupted one resumes,
-so the sweep can be stopped and started again at any time. Every model gets the same recipe (below) at 64 px;
---epochs sets the budget (default 3, as in the README; the paper's Table 4 used 10 on ImageNet, and the time
-grows in proportion).
+Each run is `python train.py ...` into runs/imagenette/NAME, then `python eval.py` there at its resolutions. A
+finished run's figures go into --json (assets/imagenette.json), and a run found there is never run again, so the
+sweep can be stopped at any time and restarted in a later session or on another machine (an interrupted run
+resumes from its last epoch if its folder is still there). Runs are ordered so that every table gets its first
+seed before any table gets its second.
+
+Every model gets one recipe, not tuned for any of them (RECIPE): AdamW, peak lr 1e-3 with 5% warmup and cosine
+decay, weight decay 0.05 on matrices and kernels, label smoothing 0.1, random-resized crops (scale 0.35-1) and
+flips, batch 64, bf16 autocast and torch.compile, one process; `none` of the heavier augmentations.
 """
 import argparse
 import json
@@ -21,199 +26,190 @@ import time
 
 from train import positive_int
 
-OUT = os.path.join("runs", "experiments")
+OUT = os.path.join("runs", "imagenette")
+DATA = os.path.join("..", "shared", "data", "imagenette-160")
+RESULTS = os.path.join("assets", "imagenette.json")
 BATCH = 64
-RECIPE = ["--data", "imagefolder", "--res", "64", "--batch-size", str(BATCH), "--lr", "1e-3", "--warmup", "0.05",
-          "--weight-decay", "0.05", "--label-smoothing", "0.1", "--crop-scale", "0.35", "--workers", "1",
-          "--log-every", "50"]
-EVAL_RES = [64, 96, 128]
-FAR_RES = [192, 256]                             # 3x and 4x: only for cat-tiny's candidate rotaries (slow on CPU)
-CAT_REF_TINY = ["--model", "cat-tiny", "--pos", "cat_ref", "--axis", "row", "--imprint", "tanh_decay",
-                "--pool", "corner"]                                # the released code's behaviour at cat-tiny size
-SHAPES = ["--data", "shapes", "--model", "cat-tiny", "--epochs", "1", "--seed", "0",   # 1 epoch of the 16,000
-          "--shapes-size", "16000"]                                                     # images it was measured on
-IMPRINTS = {"none": "Baseline Cross-Axis", "constant": "w/ Embedding Imprint",     # paper Table 4 rows
-            "tanh_decay": "w/ Tanh Residual", "tanh_grow": "w/ Backwards Tanh Residual"}
-POSITIONS = ["none", "ape", "cat", "axial", "mixed", "ape+axial", "ape+mixed"]
-SWIN_POSITIONS = ["rpb", "axial", "mixed", "rpb+axial", "rpb+mixed", "swinv2"]     # model.SWIN_POS
-CAT_DEFAULT_CANDIDATES = ["axial", "mixed"]    # the rotaries closest to cat-tiny's own `cat`: on every seed
+RECIPE = ["--data", "imagefolder", "--batch-size", str(BATCH), "--lr", "1e-3", "--warmup", "0.05",
+          "--weight-decay", "0.05", "--label-smoothing", "0.1", "--crop-scale", "0.35", "--log-every", "50",
+          "--amp", "--compile"]
+RES, EPOCHS, SHORT = 128, 20, 10                # the families at 128 px for 20 epochs; Table 4 and headline: 10
+ROTARY_RES, ROTARY_EVAL = 80, [80, 120, 160]    # the rotaries: trained at 80 px, evaluated up to 2x
+FAMILIES = {                                    # run label: train.py flags
+    "cat-tiny": ["--model", "cat-tiny"],
+    "vit-tiny": ["--model", "vit-tiny"],
+    "resnet18": ["--model", "resnet18"],
+    "swin-tiny": ["--model", "swin-tiny"],
+    "performer-tiny": ["--model", "performer-tiny"],
+    "cat-ref-tiny": ["--model", "cat-tiny", "--pos", "cat_ref", "--axis", "row", "--imprint", "tanh_decay",
+                     "--pool", "corner"],       # the released code's behaviour at cat-tiny size
+    "vit-tiny-mlp1": ["--model", "vit-tiny", "--mlp-ratio", "1"],     # ViT with CAT's FFN: attention vs attention
+}
+HEADLINE_SEEDS = ("cat-tiny", "vit-tiny")       # 3 seeds; the other families 1
+HEADLINE = (*HEADLINE_SEEDS, "resnet18")        # run first
+TABLE4 = {                                      # paper Table 4 rows on cat-tiny, 10 epochs
+    "cat-tiny": "w/ Embedding Imprint (constant: cat-tiny's own)",
+    "cat-imprint-none": "Baseline Cross-Axis (no imprint)",
+    "cat-imprint-tanh_decay": "w/ Tanh Residual",
+    "cat-imprint-tanh_grow": "w/ Backwards Tanh Residual",
+    "cat-mid-norm": "w/ Mid-Normalisation",
+    "cat-xy-mask": "w/ Learned X/Y Mask",
+}
+TABLE4_FLAGS = {"cat-tiny": [], "cat-imprint-none": ["--imprint", "none"],
+                "cat-imprint-tanh_decay": ["--imprint", "tanh_decay"],
+                "cat-imprint-tanh_grow": ["--imprint", "tanh_grow"], "cat-mid-norm": ["--mid-norm"],
+                "cat-xy-mask": ["--xy-mask"]}
+ROTARIES = ["cat", "scaled", "mixed", "axial", "none"]
+SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
 
 
-def imprint_run(mode):
-    return "cat-tiny-s0" if mode == "constant" else f"cat-imprint-{mode}"      # constant: cat-tiny's own
+def plan(seeds):
+    """{run name: (train.py flags, resolutions to evaluate at)} in the order to run them: per seed, the headline
+    families, then the rotaries, then the other families, then the 10-epoch runs."""
+    groups = {}                                 # (seed index, group) -> runs
+    for i, seed in enumerate(seeds):
+        s = ["--seed", str(seed)]
+        recipe = [*RECIPE, "--data-dir", DATA, "--res", str(RES)]
+        for label, flags in FAMILIES.items():
+            if i == 0 or label in HEADLINE_SEEDS:
+                group = groups.setdefault((i, 0 if label in HEADLINE else 2), {})
+                group[f"{label}-s{seed}"] = ([*recipe, "--epochs", str(EPOCHS), *flags, *s], [RES, 160])
+        if i >= 2:
+            continue                            # 2 seeds for everything below
+        rotaries = groups.setdefault((i, 1), {})
+        for pos in ROTARIES:
+            rotaries[f"rotary-{pos}-s{seed}"] = ([*RECIPE, "--data-dir", DATA, "--res", str(ROTARY_RES), "--epochs",
+                                                 str(EPOCHS), "--model", "cat-tiny", "--pos", pos, *s], ROTARY_EVAL)
+            rotaries[f"shapes-{pos}-s{seed}"] = ([*SHAPES, "--model", "cat-tiny", "--pos", pos, *s], [])
+        short, tenth = [*recipe, "--epochs", str(SHORT)], groups.setdefault((i, 3), {})
+        tenth[f"vit-tiny-e{SHORT}-s{seed}"] = ([*short, "--model", "vit-tiny", *s], [RES])
+        for label, flags in TABLE4_FLAGS.items():
+            tenth[f"{label}-e{SHORT}-s{seed}"] = ([*short, "--model", "cat-tiny", *flags, *s], [RES])
+    return {name: v for key in sorted(groups) for name, v in groups[key].items()}
 
 
-def position_run(family, pos, seed=0):
-    own = {"cat": "cat", "vit": "ape"}[family]                                # the preset's own scheme
-    if pos == own:
-        return f"{family}-tiny-s{seed}"
-    return f"{family}-pos-{pos.replace('+', '-')}" + (f"-s{seed}" if seed else "")
+def equal_time_plan(seeds, results):
+    """ViT given CAT's training time instead of its epochs: as many steps as it makes in the seconds cat-tiny
+    took for 20 epochs, on the same cosine schedule (compressed to those steps). Known once both have run."""
+    runs = {}
+    for seed in seeds:
+        cat, vit = results.get(f"cat-tiny-s{seed}"), results.get(f"vit-tiny-s{seed}")
+        if cat and vit:
+            steps = round(cat["train_seconds"] * vit["train_images_per_s"] / BATCH)
+            flags, res = plan([seed])[f"vit-tiny-s{seed}"]
+            runs[f"vit-tiny-time-s{seed}"] = ([*flags, "--max-steps", str(steps)], res)
+    return runs
 
 
-def swin_run(pos):
-    return "swin-tiny-s0" if pos == "rpb" else f"swin-pos-{pos.replace('+', '-')}"   # rpb: swin-tiny's own
+# ---------------------------------------------------------------------------------------------- running
+
+def load_results(path):
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
-def runs(tables, seeds):
-    """{name: train.py flags} for the requested tables; runs shared between tables appear once."""
-    plan, other_seeds = {}, {}  # the other seeds of the families table run last: every table first, spread after
-    if "families" in tables:
-        for seed in seeds:
-            for name, flags in [("cat-tiny", ["--model", "cat-tiny"]), ("vit-tiny", ["--model", "vit-tiny"]),
-                                ("performer-tiny", ["--model", "performer-tiny"]), ("cat-ref-tiny", CAT_REF_TINY)]:
-                (other_seeds if seed != seeds[0] else plan)[f"{name}-s{seed}"] = [*flags, "--seed", str(seed)]
-        # the ViT with CAT's FFN width (D instead of 4D): attention against attention, one seed
-        plan[f"vit-tiny-mlp1-s{seeds[0]}"] = ["--model", "vit-tiny", "--mlp-ratio", "1", "--seed", str(seeds[0])]
-    if "imprint" in tables:
-        for mode in IMPRINTS:
-            plan[imprint_run(mode)] = ["--model", "cat-tiny", "--imprint", mode, "--seed", "0"]
-    if "positions" in tables:
-        for family in ["cat", "vit"]:
-            for pos in POSITIONS:
-                plan[position_run(family, pos)] = ["--model", f"{family}-tiny", "--pos", pos, "--seed", "0"]
-        for seed in seeds[1:]:
-            for pos in ["cat", *CAT_DEFAULT_CANDIDATES]:
-                other_seeds[position_run("cat", pos, seed)] = ["--model", "cat-tiny", "--pos", pos, "--seed", str(seed)]
-    if "swin" in tables:
-        for pos in SWIN_POSITIONS:
-            plan[swin_run(pos)] = ["--model", "swin-tiny", "--pos", pos, "--seed", "0"]
-    if "axis" in tables:
-        plan["cat-tiny-s0"] = ["--model", "cat-tiny", "--seed", "0"]
-        plan["cat-axis-row"] = ["--model", "cat-tiny", "--axis", "row", "--seed", "0"]
-        for axis in ["alternate", "row"]:                  # the built-in shapes data: its label needs both axes
-            plan[f"shapes-axis-{axis}"] = [*SHAPES, "--axis", axis]
-    return {**plan, **other_seeds}
-
-
-def resolutions(name, flags, seeds):
-    """Where a run is evaluated: [] (its training resolution) for shapes, EVAL_RES, and FAR_RES on top for the
-    rotaries that could be cat-tiny's default."""
-    if flags[:2] == SHAPES[:2]:
-        return []
-    candidates = {position_run("cat", pos, seed) for pos in ["cat", *CAT_DEFAULT_CANDIDATES] for seed in seeds}
-    return EVAL_RES + FAR_RES if name in candidates else EVAL_RES
-
-
-def finished(name, res=()):
-    """The run's evaluation (eval.json), or None if it has none yet or lacks one of the resolutions `res`."""
+def summary(name, flags, res):
+    """A finished run's figures from its folder (flags, time, speed, FLOPs, the validation curve and the
+    evaluation), or None if it has not been evaluated at every resolution in `res`."""
     path = os.path.join(OUT, name, "eval.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        result = json.load(f)
-    return result if set(res) <= {row["res"] for row in result["rows"]} else None
+        rows = json.load(f)["rows"]
+    if not set(res) <= {row["res"] for row in rows}:
+        return None
+    with open(os.path.join(OUT, name, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    start = next(r for r in records if r.get("event") == "start")
+    last = records[-1]
+    images = last["step"] * BATCH
+    return {"flags": flags, "params": start["params"], "flops_per_image": start["flops_per_image"],
+            "train_seconds": last["train_seconds"], "train_images_per_s": images / last["train_seconds"],
+            "curve": [[r["train_seconds"], r["epoch"], r["val_top1"]] for r in records if "val_top1" in r],
+            "eval": [{k: row[k] for k in ("res", "top1", "top5", "loss")} for row in rows]}
 
 
-def train_arguments(flags, out, data_dir, epochs):
-    """train.py's arguments for one run: the shared recipe (not for shapes), the run's own flags, its folder."""
-    recipe = [] if flags[:2] == SHAPES[:2] else [*RECIPE, "--data-dir", data_dir, "--epochs", str(epochs)]
-    return [*recipe, *flags, "--out-dir", out, "--no-amp"]       # these tables were measured in fp32
-
-
-def run(name, flags, res, args):
-    """Train (resuming if a checkpoint exists; not at all if it was evaluated before) and evaluate at `res`; the
-    evaluation marks it finished."""
+def run(name, flags, res):
+    """Train (resuming if the folder has a checkpoint) and evaluate at `res` ([]: the training resolution)."""
     out = os.path.join(OUT, name)
-    training = [sys.executable, "train.py", *train_arguments(flags, out, args.data_dir, args.epochs)]
-    if os.path.exists(os.path.join(out, "ckpt.pt")):
-        training.append("--resume")
-    evaluation = [sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--workers", "1", "--no-amp",
+    training = [sys.executable, "train.py", *flags, "--out-dir", out, "--resume", "auto"]
+    evaluation = [sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"),
                   *(["--res", *map(str, res)] if res else []), "--json", os.path.join(out, "eval.json")]
-    for command in ([] if finished(name) else [training]) + [evaluation]:
+    for command in [training, evaluation]:
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
-def training(name):
-    """(seconds in training steps, training images per second) of a finished run, from its metrics log."""
-    with open(os.path.join(OUT, name, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    start, last = records[0], records[-1]
-    images = last["step"] * start["args"]["batch_size"] * start["args"]["accum"] * start["world_size"]
-    return last["train_seconds"], images / last["train_seconds"]
-
-
-def equal_time_runs(seeds, epochs):
-    """CAT given the ViT's training time instead of its epochs (after both finished at equal epochs)."""
-    plan = {}
-    for seed in seeds:
-        if finished(f"cat-tiny-s{seed}") and finished(f"vit-tiny-s{seed}"):
-            vit_seconds, _ = training(f"vit-tiny-s{seed}")
-            _, cat_speed = training(f"cat-tiny-s{seed}")
-            steps = round(vit_seconds * cat_speed / BATCH)
-            plan[f"cat-tiny-time-s{seed}"] = ["--model", "cat-tiny", "--seed", str(seed), "--epochs",
-                                              str(2 * epochs), "--max-steps", str(steps)]
-    return plan
+def save(results, path, commit, name):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    if commit:                  # only this file: whatever else is being edited in the tree stays out
+        subprocess.run(["git", "commit", "-q", "-m", f"imagenette results: {name}", "--", path], check=True)
 
 
 # ---------------------------------------------------------------------------------------------- report
 
-def top1(name, res=64):
-    """A run's top-1 at `res`, or None if it was not evaluated there."""
-    result = finished(name, [res])
-    return next(r["top1"] for r in result["rows"] if r["res"] == res) if result else None
+def top1(results, name, res=RES):
+    row = next((r for r in results.get(name, {}).get("eval", []) if r["res"] == res), None)
+    return row["top1"] if row else None
 
 
-def position_top1s(family, pos, res, seeds):
-    """The top-1 at `res` of every seed that ran `pos` on `family`."""
-    values = (top1(position_run(family, pos, seed), res) for seed in seeds)
-    return [v for v in values if v is not None]
-
-
-def cell(values):
-    """'mean (a, b)' over seeds, or '-' if none finished."""
+def cell(values, digits=1):
+    """'mean ± std (n)' over the seeds that finished, '-' if none did."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{statistics.mean(values):.1f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)})"
 
 
-def report(seeds, epochs):
-    lines = [f"tiny-imagenet-20, 64 px, {epochs} epochs, val top-1 % (seeds {', '.join(map(str, seeds))}: "
-             f"mean (each))", ""]
-    lines += ["| model | top-1 @ equal epochs | train img/s | train time (s) | top-1 @ ViT's time |",
-              "| --- | --- | --- | --- | --- |"]
-    for name in ["cat-tiny", "vit-tiny", "vit-tiny-mlp1", "performer-tiny", "cat-ref-tiny", "swin-tiny"]:
-        done = [f"{name}-s{s}" for s in seeds if finished(f"{name}-s{s}")]
-        seconds, speed = zip(*map(training, done)) if done else ((), ())
-        equal = cell([top1(f"cat-tiny-time-s{s}") for s in seeds]) if name == "cat-tiny" else "-"
-        lines.append(f"| {name} | {cell([top1(n) for n in done])} | {cell(speed)} | {cell(seconds)} | {equal} |")
-    lines += ["", "| imprint (Table 4 row) | top-1 |", "| --- | --- |"]
-    for mode, row in IMPRINTS.items():
-        lines.append(f"| `{mode}` ({row}) | {cell([top1(imprint_run(mode))])} |")
-    lines += ["", "| position | CAT 64 | CAT 96 | CAT 128 | ViT 64 | ViT 96 | ViT 128 |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for pos in POSITIONS:
-        lines.append(f"| `{pos}` | " + " | ".join(cell(position_top1s(family, pos, r, seeds))
-                                                  for family in ["cat", "vit"] for r in EVAL_RES) + " |")
-    lines += ["", "| cat-tiny rotary | " + " | ".join(f"{r} px" for r in EVAL_RES + FAR_RES) + " |",
-              "| --- " * (1 + len(EVAL_RES + FAR_RES)) + "|"]
-    for pos in ["cat", *CAT_DEFAULT_CANDIDATES]:
-        lines.append(f"| `{pos}` | " + " | ".join(cell(position_top1s("cat", pos, r, seeds))
-                                                  for r in EVAL_RES + FAR_RES) + " |")
-    lines += ["", "| swin-tiny position | " + " | ".join(f"{r} px" for r in EVAL_RES) + " |",
-              "| --- " * (1 + len(EVAL_RES)) + "|"]
-    for pos in SWIN_POSITIONS:
-        lines.append(f"| `{pos}` | " + " | ".join(cell([top1(swin_run(pos), r)]) for r in EVAL_RES) + " |")
-    lines += ["", "| axis (cat rotary) | tiny-imagenet-20 top-1 | shapes top-1 (1 epoch) |", "| --- | --- | --- |",
-              f"| `alternate` | {cell([top1('cat-tiny-s0')])} | {cell([top1('shapes-axis-alternate')])} |",
-              f"| `row` | {cell([top1('cat-axis-row')])} | {cell([top1('shapes-axis-row')])} |"]
+def seeds_of(results, label):
+    return [name for name in results if name.startswith(f"{label}-s") and name[len(label) + 2:].isdigit()]
+
+
+def report(results):
+    lines = ["Imagenette (imagenette-160), 128 px, val top-1 %: mean ± std (seeds) where several seeds ran", "",
+             f"| model | params | GFLOPs | top-1 @ {EPOCHS} ep | top-1 @ 160 px | train img/s | train min |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label in [*FAMILIES, "vit-tiny-time"]:
+        names = seeds_of(results, label)
+        if not names:
+            continue
+        r = [results[n] for n in names]
+        shown = "vit-tiny at cat-tiny's time" if label == "vit-tiny-time" else label
+        lines.append(f"| {shown} | {r[0]['params'] / 1e6:.2f}M | {r[0]['flops_per_image'] / 1e9:.2f} | "
+                     f"{cell([top1(results, n) for n in names])} | {cell([top1(results, n, 160) for n in names])}"
+                     f" | {cell([x['train_images_per_s'] for x in r], 0)}"
+                     f" | {cell([x['train_seconds'] / 60 for x in r])} |")
+    lines += ["", f"Table 4 on cat-tiny, {SHORT} epochs", "", "| row | top-1 |", "| --- | --- |"]
+    for label, row in TABLE4.items():
+        lines.append(f"| {row} | {cell([top1(results, n) for n in seeds_of(results, f'{label}-e{SHORT}')])} |")
+    lines += ["", f"Rotaries on cat-tiny, trained at {ROTARY_RES} px; shapes: 1 epoch at 64 px", "",
+              "| pos | " + " | ".join(f"{r} px" for r in ROTARY_EVAL) + f" | loss at {ROTARY_EVAL[-1]} | shapes |",
+              "| --- " * (len(ROTARY_EVAL) + 3) + "|"]
+    for pos in ROTARIES:
+        names = seeds_of(results, f"rotary-{pos}")
+        at = [[top1(results, n, r) for n in names] for r in ROTARY_EVAL]
+        drop = [a - b for a, b in zip(at[0], at[-1]) if a is not None and b is not None]
+        shapes = [top1(results, n, 64) for n in seeds_of(results, f"shapes-{pos}")]
+        lines.append(f"| `{pos}` | " + " | ".join(cell(v) for v in at) + f" | {cell(drop)} | {cell(shapes)} |")
+    cat, vit = seeds_of(results, f"cat-tiny-e{SHORT}"), seeds_of(results, f"vit-tiny-e{SHORT}")
+    if cat and vit:
+        def ratio(value):           # CAT's mean over its seeds / ViT's
+            return statistics.mean(map(value, cat)) / statistics.mean(map(value, vit))
+        lines += ["", f"The paper's headline at {SHORT} epochs, CAT / ViT (seeds {len(cat)} / {len(vit)}): top-1 "
+                  f"{ratio(lambda n: top1(results, n)):.2f}x, "
+                  f"FLOPs {ratio(lambda n: results[n]['flops_per_image']):.2f}x, "
+                  f"training time {ratio(lambda n: results[n]['train_seconds']):.2f}x"]
     return "\n".join(lines)
 
 
-def raw_results(plan):
-    """{name: train.py flags, seconds in training steps, images/s, eval rows} of every finished run in `plan`."""
-    results = {}
-    for name, flags in plan.items():
-        result = finished(name)
-        if result:
-            seconds, speed = training(name)
-            rows = [{k: r[k] for k in ("res", "top1", "top5", "loss")} for r in result["rows"]]
-            results[name] = {"flags": flags, "train_seconds": seconds, "train_images_per_s": speed, "eval": rows}
-    return results
-
-
-def plot(path, seeds):
+def plot(results, path):
+    """Left: val top-1 against training time, one line per family and seed. Right: the rotaries' top-1 against
+    the evaluation resolution (mean over seeds)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -221,19 +217,24 @@ def plot(path, seeds):
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
-    for ax, family in zip(axes, ["cat", "vit"]):
-        plotted = set()
-        for pos in POSITIONS:       # each point: the mean over the seeds that ran it
-            points = [(r, statistics.mean(values)) for r in EVAL_RES + FAR_RES
-                      if (values := position_top1s(family, pos, r, seeds))]
-            if points:
-                ax.plot(*zip(*points), "o-", label=pos)
-                plotted.update(r for r, _ in points)
-        ax.set(title=f"{family}-tiny, trained at 64 px", xlabel="evaluation resolution (px)", xticks=sorted(plotted))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    for i, label in enumerate([*FAMILIES, "vit-tiny-time"]):
+        for j, name in enumerate(seeds_of(results, label)):
+            minutes, _, top = zip(*results[name]["curve"])
+            left.plot([m / 60 for m in minutes], top, color=f"C{i}", alpha=0.8, label=None if j else label)
+    left.set(xlabel="training time (min, 2 CPU cores, bf16)", ylabel=f"val top-1 (%), {RES} px",
+             title=f"Imagenette, {EPOCHS} epochs")
+    for pos in ROTARIES:
+        names = seeds_of(results, f"rotary-{pos}")
+        points = [(r, statistics.mean(v)) for r in ROTARY_EVAL
+                  if (v := [t for n in names if (t := top1(results, n, r)) is not None])]
+        if points:
+            right.plot(*zip(*points), "o-", label=pos)
+    right.set(xlabel="evaluation resolution (px)", xticks=ROTARY_EVAL,
+              title=f"cat-tiny rotaries, trained at {ROTARY_RES} px")
+    for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("tiny-imagenet-20 val top-1 (%), mean over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
@@ -241,48 +242,40 @@ def plot(path, seeds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "tiny-imagenet-20"),
-                        help="an imagefolder tree (default ../shared/data/tiny-imagenet-20)")
-    parser.add_argument("--tables", nargs="+", default=["families", "imprint", "positions", "swin", "axis"],
-                        choices=["families", "imprint", "positions", "swin", "axis"], help="default: all five")
-    parser.add_argument("--runs", nargs="+", default=None,
-                        help="only these runs of the tables (by name, e.g. performer-tiny-s0); default: all")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the families table")
-    parser.add_argument("--epochs", type=positive_int, default=3,
-                        help="the budget of every tiny-imagenet run (default 3)")
-    parser.add_argument("--report", action="store_true", help="only print the tables of finished runs")
-    parser.add_argument("--plot", default=os.path.join("assets", "positions_resolution.png"),
-                        help="PNG of top-1 against evaluation resolution per positional scheme "
-                             "(needs matplotlib; '': none)")
-    parser.add_argument("--json", default=os.path.join("assets", "experiments.json"),
-                        help="write every finished run's flags, training time and evaluation here ('': don't)")
+    parser.add_argument("--runs", nargs="+", default=None, help="only these runs (by name); default: all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds (default 0 1 2: three for cat-tiny and vit-tiny, two for the tables, "
+                             "one for the other families)")
+    parser.add_argument("--list", action="store_true", help="print every run's name and flags, then stop")
+    parser.add_argument("--report", action="store_true", help="only print the tables and draw the plot")
+    parser.add_argument("--commit", action="store_true", help="git-commit --json after each finished run")
+    parser.add_argument("--json", default=RESULTS, help=f"the results file (default {RESULTS})")
+    parser.add_argument("--plot", default=os.path.join("assets", "imagenette.png"),
+                        help="PNG of the curves and the rotaries (needs matplotlib; '': none)")
     args = parser.parse_args()
-    if not args.report:
-        while True:             # an equal-time run goes first as soon as its two runs have finished
-            todo = {**(equal_time_runs(args.seeds, args.epochs) if "families" in args.tables else {}),
-                    **runs(args.tables, args.seeds)}
-            if args.runs:
-                unknown = sorted(set(args.runs) - set(todo))
-                if unknown:
-                    parser.error(f"--runs: no run named {', '.join(unknown)} in the tables {' '.join(args.tables)}")
-                todo = {name: flags for name, flags in todo.items() if name in args.runs}
-            res = {name: resolutions(name, flags, args.seeds) for name, flags in todo.items()}
-            name = next((name for name in todo if not finished(name, res[name])), None)
-            if name is None:
-                break
-            run(name, todo[name], res[name], args)
-    print(report(args.seeds, args.epochs))
+    results = load_results(args.json)
+    if args.list:
+        for name, (flags, res) in {**plan(args.seeds), **equal_time_plan(args.seeds, results)}.items():
+            print(f"{name}: train.py {' '.join(flags)}; eval at {res or 'the training resolution'}")
+        return
+    if args.runs:
+        known = {**plan(args.seeds), **equal_time_plan(args.seeds, results)}
+        unknown = sorted(set(args.runs) - set(known))
+        if unknown:     # vit-tiny-time-sN only exists once its two runs have finished
+            parser.error(f"--runs: no run named {', '.join(unknown)} (see --list)")
+    while not args.report:      # the equal-time run goes first as soon as its two runs have finished
+        todo = {**equal_time_plan(args.seeds, results), **plan(args.seeds)}
+        todo = {n: v for n, v in todo.items() if n not in results and (not args.runs or n in args.runs)}
+        if not todo:
+            break
+        name, (flags, res) = next(iter(todo.items()))
+        if summary(name, flags, res) is None:
+            run(name, flags, res)
+        results[name] = summary(name, flags, res)
+        save(results, args.json, args.commit, name)
+    print(report(results))
     if args.plot:
-        plot(args.plot, args.seeds)
-    if args.json:                 # runs finished here update the file; the others' entries are kept
-        results = {}
-        if os.path.exists(args.json):
-            with open(args.json) as f:
-                results = json.load(f)
-        results.update(raw_results({**equal_time_runs(args.seeds, args.epochs), **runs(args.tables, args.seeds)}))
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"every finished run: {args.json}")
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from rope2d import SCHEMES, AbsolutePosition, RotaryPosition, split_scheme
 SWIN_POS = ("rpb", "axial", "mixed", "rpb+axial", "rpb+mixed", "swinv2")
 
 CHOICES = {
-    "attn": ("cross_axis", "softmax", "performer", "swin"),
+    "attn": ("cross_axis", "softmax", "performer", "swin", "resnet18"),
     "axis": ("row", "alternate"),
     "form": ("auto", "quadratic", "linear"),
     "performer_kernel": ("favor", "relu"),
@@ -42,6 +42,7 @@ class CATConfig:
     mlp_ratio: float = 1.0          # FFN hidden = mlp_ratio * dim; the paper's CAT uses 1
     num_classes: int = 1000
     attn: str = "cross_axis"        # cross_axis | softmax (ViT) | performer | swin (swin.py, needs torchvision)
+                                    # | resnet18 (resnet.py: torchvision's; only num_classes and patch apply)
     axis: str = "alternate"         # row: the paper's; alternate: odd blocks swap H and W (SPEC 2.1)
     form: str = "auto"              # cross-axis product order: auto | quadratic | linear
     mid_norm: bool = False          # ablation: normalise the scores between the two products (paper Sec. 4)
@@ -84,6 +85,9 @@ class CATConfig:
         if rotary and (self.dim // self.heads) % (2 if rotary == "cat_ref" else 4):
             raise ValueError(f"head dim dim/heads = {self.dim // self.heads} must be divisible by "
                              f"{2 if rotary == 'cat_ref' else 4} for pos={self.pos!r}")
+        if self.attn == "resnet18" and (self.pos, self.pool, self.patch) != ("none", "mean", 32):
+            raise ValueError("resnet18 has no positions and mean-pools after a total stride of 32: it needs "
+                             f"pos='none', pool='mean', patch=32, got {self.pos!r}, {self.pool!r}, {self.patch}")
         if self.xy_mask and self.attn != "cross_axis":
             raise ValueError("xy_mask needs attn='cross_axis': it weights the cross-axis scores")
         if self.mid_norm and (self.attn != "cross_axis" or self.form == "linear"):
@@ -125,6 +129,8 @@ PRESETS = {
     # torchvision's swin_t (28.3M parameters, 8.98 GFLOPs at 224 px); pos='swinv2' with window=8 is swin_v2_t.
     "swin-t": CATConfig(img_size=224, patch=4, dim=96, heads=3, stages=(2, 2, 6, 2), window=7, num_classes=1000,
                         attn="swin", mlp_ratio=4.0, drop_path=0.2, pos="rpb", imprint="none"),
+    # The ConvNet reference (resnet.py): torchvision's resnet18, 11.7M parameters, 3.6 GFLOPs at 224 px.
+    "resnet18": CATConfig(img_size=224, patch=32, attn="resnet18", pos="none", imprint="none"),
 }
 
 
@@ -211,7 +217,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         rotary = split_scheme(cfg.pos)[1]
-        self.pos = RotaryPosition(rotary, cfg.dim, cfg.heads) if rotary else None
+        self.pos = RotaryPosition(rotary, cfg.dim, cfg.heads, cfg.grid) if rotary else None
 
     def forward(self, x, embed=None, alpha=0.0, cls_column=False):   # x: (B, H, W, D)
         B, H, W, D = x.shape
@@ -549,11 +555,14 @@ def init_weights(module):
 
 
 def build_model(config):
-    """CAT(config), or for attn='swin' the torchvision-based Swin of swin.py (imported only then, so that this
-    file still needs nothing but torch)."""
+    """CAT(config), or for attn='swin' the torchvision-based Swin of swin.py, for attn='resnet18' torchvision's
+    resnet18 (resnet.py); each imported only then, so that this file still needs nothing but torch."""
     if config.attn == "swin":
         from swin import Swin
         return Swin(config)
+    if config.attn == "resnet18":
+        from resnet import ResNet18
+        return ResNet18(config)
     return CAT(config)
 
 

@@ -5,6 +5,9 @@ depends only on the offset between two tokens:
   cat      the CAT paper's 2D rotary: coordinates scaled to [-pi, pi], sinusoidal frequency bands per head
   axial    RoPE-Axial (Heo et al. 2024): integer coordinates, x on half the pairs and y on the other half
   mixed    RoPE-Mixed (Heo et al. 2024): learned frequencies, each pair turns by fx*x + fy*y
+  scaled   RoPE-Mixed on image coordinates: positions scaled to the image as in `cat`, so that a larger image
+           samples the same angles more finely instead of reaching unseen ones; every head spans the
+           frequencies from one radian per training-grid step down to a quarter turn across the image
   cat_ref  the released CAT code, reproduced bugs included: not a rotation but an absolute modulation
 Absolute: `ape`, a learned table for the training grid, resized bicubically for other grids.
 Combinations: `ape+cat`, `ape+axial`, `ape+mixed`; and `none`.
@@ -18,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROTARY = ("cat", "cat_ref", "axial", "mixed")
+ROTARY = ("cat", "cat_ref", "axial", "mixed", "scaled")
 SCHEMES = ("none", "ape", *ROTARY, "ape+cat", "ape+axial", "ape+mixed")
 
 
@@ -74,16 +77,34 @@ def axial_angles(H, W, head_dim, theta=100.0, device=None):
     return torch.cat(torch.broadcast_tensors(x, y), -1).unsqueeze(0)  # (1, H, W, d/2)
 
 
+def image_coords(H, W, device=None):
+    """Patch-centre coordinates of the `scaled` scheme: (H,) and (W,), both in units where the longer side
+    spans [-pi, pi]. A patch keeps its coordinate, up to where inside it the centre falls, at any resolution
+    of the same image: (i + 1/2) / n of the side, unlike `cat`'s linspace, whose end points stay at +-pi."""
+    step = 2 * math.pi / max(H, W)
+    return [(torch.arange(n, device=device) + 0.5 - n / 2) * step for n in (H, W)]
+
+
 class MixedFrequencies(nn.Module):
     """RoPE-Mixed: learned frequencies (fx, fy) per head and rotation pair; pair c turns by fx_c*x + fy_c*y.
 
     Init (Heo et al. 2024): magnitudes theta**(-4m/d), m < d/4; a random direction phi per head for the
     first d/4 pairs and phi + pi/2 for the next d/4. Kept out of weight decay by the training script.
+
+    With `grid` (the `scaled` scheme) x and y are image_coords() instead of patch indices, and the magnitudes
+    run geometrically, in every head, from grid/(2 pi) (one radian per patch of the grid's training size) down
+    to 1/4 (a quarter turn across the image): the fastest pair tells neighbours apart, the slowest still orders
+    the whole image without wrapping around. At the training size this is RoPE-Mixed with theta ~ 2 grid / pi
+    instead of 10; elsewhere it interpolates where RoPE-Mixed extrapolates.
     """
 
-    def __init__(self, heads, head_dim, theta=10.0):
+    def __init__(self, heads, head_dim, theta=10.0, grid=None):
         super().__init__()
-        magnitude = theta ** (-4 * torch.arange(head_dim // 4) / head_dim)   # (d/4,)
+        if grid is None:
+            magnitude = theta ** (-4 * torch.arange(head_dim // 4) / head_dim)   # (d/4,)
+        else:
+            magnitude = torch.linspace(math.log(grid / (2 * math.pi)), math.log(0.25), head_dim // 4).exp()
+        self.grid = grid
         phi = torch.rand(heads, 1) * 2 * math.pi                              # (h, 1)
         direction = torch.cat([phi, phi + math.pi / 2], -1).repeat_interleave(head_dim // 4, -1)  # (h, d/2)
         magnitude = magnitude.repeat(2)                                       # (d/2,)
@@ -91,9 +112,11 @@ class MixedFrequencies(nn.Module):
 
     def forward(self, H, W):
         fx, fy = self.freqs.float()[:, :, None, None, :]                    # (h, 1, 1, d/2) each
-        x = torch.arange(W, device=fx.device).view(W, 1)
-        y = torch.arange(H, device=fx.device).view(H, 1, 1)
-        return fx * x + fy * y                                               # (h, H, W, d/2)
+        if self.grid is None:
+            y, x = torch.arange(H, device=fx.device), torch.arange(W, device=fx.device)
+        else:
+            y, x = image_coords(H, W, fx.device)
+        return fx * x.view(W, 1) + fy * y.view(H, 1, 1)                      # (h, H, W, d/2)
 
 
 def cat_ref_scale(H, W, head_dim, device=None):
@@ -180,12 +203,16 @@ class RotaryPosition(nn.Module):
     token, which is left as it is. c is the head dim, or the Performer's feature count.
     """
 
-    def __init__(self, scheme, dim, heads):
+    def __init__(self, scheme, dim, heads, grid=None):
         super().__init__()
         if scheme not in ROTARY:
             raise ValueError(f"rotary scheme must be one of {ROTARY}, got {scheme!r}")
+        if scheme == "scaled" and not grid:
+            raise ValueError("the scaled rotary needs the training grid size (grid, in patches)")
         self.scheme, self.dim, self.heads, self.head_dim = scheme, dim, heads, dim // heads
-        self.mixed = MixedFrequencies(heads, self.head_dim) if scheme == "mixed" else None
+        self.mixed = None                                  # the learned frequencies of `mixed` and `scaled`
+        if scheme in ("mixed", "scaled"):
+            self.mixed = MixedFrequencies(heads, self.head_dim, grid=grid if scheme == "scaled" else None)
 
     def angles(self, H, W, device):
         if self.scheme == "cat":
@@ -200,7 +227,7 @@ class RotaryPosition(nn.Module):
             scale = fit_channels(cat_ref_scale(H, W, self.head_dim, x.device), x.shape[-1], cls_column, 1.0)
             return (x.float() * scale).type_as(x)
         interleaved = self.scheme != "cat"
-        if self.scheme != "mixed" and not torch.compiler.is_compiling():
+        if self.mixed is None and not torch.compiler.is_compiling():
             turns = fixed_turns(self.scheme, self.dim, self.heads, H, W, x.shape[-1], cls_column, x.device)
             return turn(x, turns, interleaved)
         angles = fit_channels(self.angles(H, W, x.device), x.shape[-1] // 2, cls_column, 0.0)

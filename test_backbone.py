@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 import train
-from model import CAT, PRESETS, CATConfig
+from model import CAT, PRESETS, CATConfig, build_model
 
 FAMILIES = ("cross_axis", "softmax", "performer")
 POOLS = ("mean", "corner", "cls")
@@ -266,3 +266,19 @@ def test_init_from_refuses_another_model_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "differs from this run's in more than the head" in error and "dim 32 (here 64)" in error
+
+
+def test_resnet18_is_torchvisions_with_the_training_interface():
+    """The ConvNet reference is torchvision's resnet18, not a copy: same modules, same logits from the same
+    weights; it trains through train.py like any preset."""
+    import torchvision
+    torch.manual_seed(0)
+    model = build_model(replace(PRESETS["resnet18"], num_classes=10)).eval()
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    reference.load_state_dict(model.state_dict())                           # strict: the same modules
+    images = torch.randn(2, 3, 64, 96)
+    torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
+    decay, no_decay = model.param_groups(0.05)
+    assert len(decay["params"]) == 21 and all(p.dim() == 1 for p in no_decay["params"])   # 20 convs + the head
+    with pytest.raises(ValueError, match="pos='none'"):
+        replace(PRESETS["resnet18"], pos="cat")

@@ -193,10 +193,10 @@ def rotated_score(rotary, q, k, p, r, grid):
     return (qs[0, :, p[0], p[1]] * ks[0, :, r[0], r[1]]).sum(-1)   # one score per head
 
 
-@pytest.mark.parametrize("scheme", ["cat", "axial", "mixed"])
+@pytest.mark.parametrize("scheme", ["cat", "axial", "mixed", "scaled"])
 def test_true_rotations_are_relative(scheme):
     torch.manual_seed(0)
-    rotary = rope2d.RotaryPosition(scheme, dim=64, heads=4)
+    rotary = rope2d.RotaryPosition(scheme, dim=64, heads=4, grid=7)
     q, k = torch.randn(4, 16), torch.randn(4, 16)
     grid = (7, 7)
     base = rotated_score(rotary, q, k, (1, 2), (3, 0), grid)
@@ -207,11 +207,40 @@ def test_true_rotations_are_relative(scheme):
     assert not torch.allclose(rotated_score(rotary, q, k, (1, 2), (1, 5), grid), base)
 
 
-@pytest.mark.parametrize("scheme", ["cat", "axial", "mixed"])
+@pytest.mark.parametrize("scheme", ["cat", "axial", "mixed", "scaled"])
 def test_rotations_keep_norms(scheme):
     x = torch.randn(2, 4, 5, 6, 16)
-    rotated = rope2d.RotaryPosition(scheme, dim=64, heads=4)(x)
+    rotated = rope2d.RotaryPosition(scheme, dim=64, heads=4, grid=6)(x)
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_scaled_rotary_interpolates_where_mixed_extrapolates():
+    """`scaled` gives a point of the image the same angle at any resolution (patch centres as fractions of the
+    image); RoPE-Mixed gives a patch index the same angle, so the same image offset turns twice as far at 2x."""
+    torch.manual_seed(0)
+    scaled = rope2d.RotaryPosition("scaled", dim=64, heads=4, grid=8).mixed
+    mixed = rope2d.RotaryPosition("mixed", dim=64, heads=4).mixed
+    y, x = rope2d.image_coords(8, 6)
+    y2, x2 = rope2d.image_coords(16, 12)
+    torch.testing.assert_close(x, (x2[0::2] + x2[1::2]) / 2)          # a coarse patch: the mean of its 2 halves
+    torch.testing.assert_close(y[[0, -1]], torch.tensor([-7, 7]) * math.pi / 8)   # centres, not the edges
+    for freqs, same in [(scaled, True), (mixed, False)]:
+        fine = freqs(16, 16)                                          # (h, 16, 16, d/2)
+        centres = (fine[:, 0::2, 0::2] + fine[:, 1::2, 1::2]) / 2     # angles at the coarse patches' centres
+        assert torch.allclose(centres, freqs(8, 8), atol=1e-5) == same
+
+
+def test_scaled_rotary_spans_every_head_from_one_patch_to_the_whole_image():
+    """Unlike `cat`, whose later heads barely turn (SPEC 3), every head of `scaled` gets the whole range:
+    1 rad per patch of the training grid at the fastest pair, a quarter turn across the image at the slowest."""
+    grid, d = 10, 24
+    freqs = rope2d.MixedFrequencies(heads=8, head_dim=d, grid=grid).freqs        # (2, h, d/2)
+    magnitude = freqs.norm(dim=0)                                                # (h, d/2)
+    step = 2 * math.pi / grid
+    torch.testing.assert_close(magnitude[:, 0] * step, torch.ones(8))
+    torch.testing.assert_close(magnitude[:, d // 4 - 1] * 2 * math.pi, torch.full((8,), math.pi / 2))
+    with pytest.raises(ValueError, match="training grid"):
+        rope2d.RotaryPosition("scaled", dim=64, heads=4)
 
 
 def test_cat_ref_matches_hand_computed_modulation():
