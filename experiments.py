@@ -61,6 +61,8 @@ TABLE4_FLAGS = {"cat-tiny": [], "cat-imprint-none": ["--imprint", "none"],
                 "cat-xy-mask": ["--xy-mask"]}
 ROTARIES = ["cat", "scaled", "mixed", "axial", "none"]
 SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
+FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training (eval.py runs after it): the
+                                                # families keep theirs, for the curves of top-1 against time
 
 
 def plan(seeds):
@@ -79,9 +81,10 @@ def plan(seeds):
         rotaries = groups.setdefault((i, 1), {})
         for pos in ROTARIES:
             rotaries[f"rotary-{pos}-s{seed}"] = ([*RECIPE, "--data-dir", DATA, "--res", str(ROTARY_RES), "--epochs",
-                                                 str(EPOCHS), "--model", "cat-tiny", "--pos", pos, *s], ROTARY_EVAL)
+                                                 str(EPOCHS), *FINAL_EVAL_ONLY, "--model", "cat-tiny", "--pos", pos,
+                                                 *s], ROTARY_EVAL)
             rotaries[f"shapes-{pos}-s{seed}"] = ([*SHAPES, "--model", "cat-tiny", "--pos", pos, *s], [])
-        short, tenth = [*recipe, "--epochs", str(SHORT)], groups.setdefault((i, 3), {})
+        short, tenth = [*recipe, "--epochs", str(SHORT), *FINAL_EVAL_ONLY], groups.setdefault((i, 3), {})
         tenth[f"vit-tiny-e{SHORT}-s{seed}"] = ([*short, "--model", "vit-tiny", *s], [RES])
         for label, flags in TABLE4_FLAGS.items():
             tenth[f"{label}-e{SHORT}-s{seed}"] = ([*short, "--model", "cat-tiny", *flags, *s], [RES])
@@ -207,6 +210,25 @@ def report(results):
     return "\n".join(lines)
 
 
+def angle_spreads():
+    """Table: per head, the widest angle range a rotation pair sweeps across the training grid (rope2d.angle_spread),
+    for cat-tiny's rotaries at 80 px (mixed and scaled at their initialisation, seed 0) and for cat-paper's `cat`."""
+    import torch
+    import rope2d
+    from model import PRESETS
+    grid = ROTARY_RES // PRESETS["cat-tiny"].patch
+    rows = [(f"cat-tiny `{pos}`, {grid} x {grid}", "cat-tiny", pos, grid) for pos in ROTARIES if pos != "none"]
+    rows.append(("cat-paper `cat`, 28 x 28 (224 px)", "cat-paper", "cat", 28))
+    heads = PRESETS["cat-tiny"].heads
+    lines = ["| rotary, grid | " + " | ".join(f"head {h}" for h in range(heads)) + " |", "| --- " * (heads + 1) + "|"]
+    for label, preset, pos, n in rows:
+        torch.manual_seed(0)
+        config = PRESETS[preset]
+        spread = rope2d.angle_spread(rope2d.RotaryPosition(pos, config.dim, config.heads, n).angles(n, n))
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in spread.expand(heads).tolist()) + " |")
+    return "\n".join(lines)
+
+
 def plot(results, path):
     """Left: val top-1 against training time, one line per family and seed. Right: the rotaries' top-1 against
     the evaluation resolution (mean over seeds)."""
@@ -274,6 +296,7 @@ def main():
         results[name] = summary(name, flags, res)
         save(results, args.json, args.commit, name)
     print(report(results))
+    print("\nAngle spread per head (radians) at the training grid\n\n" + angle_spreads())
     if args.plot:
         plot(results, args.plot)
 

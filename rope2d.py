@@ -214,7 +214,8 @@ class RotaryPosition(nn.Module):
         if scheme in ("mixed", "scaled"):
             self.mixed = MixedFrequencies(heads, self.head_dim, grid=grid if scheme == "scaled" else None)
 
-    def angles(self, H, W, device):
+    def angles(self, H, W, device=None):
+        """(heads or 1, H, W, d/2) fp32 angles of the rotary schemes (not `cat_ref`: it has none)."""
         if self.scheme == "cat":
             return cat_angles(H, W, self.dim, self.heads, device)
         if self.scheme == "axial":
@@ -232,6 +233,13 @@ class RotaryPosition(nn.Module):
             return turn(x, turns, interleaved)
         angles = fit_channels(self.angles(H, W, x.device), x.shape[-1] // 2, cls_column, 0.0)
         return rotate(x, angles, interleaved)
+
+
+def angle_spread(angles):
+    """(heads,) radians: per head, the widest range of angles one rotation pair sweeps across the grid. A head
+    whose spread is far below one radian turns its q and k by almost the same angle everywhere: it hardly
+    tells positions apart (`cat`'s later heads; README, Results)."""
+    return (angles.amax((1, 2)) - angles.amin((1, 2))).amax(-1)
 
 
 class AbsolutePosition(nn.Module):
