@@ -149,6 +149,7 @@ def save(results, path, commit, name):
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     if commit:                  # only this file: whatever else is being edited in the tree stays out
+        subprocess.run(["git", "add", path], check=True)
         subprocess.run(["git", "commit", "-q", "-m", f"imagenette results: {name}", "--", path], check=True)
 
 
