@@ -6,7 +6,7 @@
 
 The data and the model come from the checkpoint unless flags override them. Positional schemes at a new
 resolution (SPEC 3): `ape` is resized bicubically, `axial` and `mixed` extrapolate to positions beyond the
-training grid, `cat` interpolates (the same [-pi, pi] range at every size).
+training grid, `cat` and `scaled` interpolate (the same [-pi, pi] range at every size).
 """
 import argparse
 import json

@@ -1,7 +1,7 @@
 """The README's results: CAT against ViT, Performer, Swin and a ResNet-18 on Imagenette, the CAT paper's Table 4,
 the 2D rotaries across resolutions, and the paper's 10-epoch headline.
 
-    python experiments.py                      # every run not finished yet, in the order below; about 13 h here
+    python experiments.py                      # every run not finished yet, in the order below; about 16 h on 2 CPU cores
     python experiments.py --runs cat-tiny-s0   # some runs only (by name; --list shows them all)
     python experiments.py --commit             # commit the results file after each run (for long sweeps)
     python experiments.py --report             # the tables and plots from the results file only
@@ -178,9 +178,10 @@ def report(results):
     lines = ["Imagenette (imagenette-160), 128 px, val top-1 %: mean ± std (seeds) where several seeds ran", "",
              f"| model | params | GFLOPs | top-1 @ {EPOCHS} ep | top-1 @ 160 px | train img/s | train min |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for label in [*FAMILIES, "vit-tiny-time"]:
+    for label in [*FAMILIES, "vit-tiny-time"]:          # queued families: a row of '-'
         names = seeds_of(results, label)
         if not names:
+            lines += [f"| {label} | - | - | - | - | - | - |"] if label in FAMILIES else []
             continue
         r = [results[n] for n in names]
         shown = "vit-tiny at cat-tiny's time" if label == "vit-tiny-time" else label
@@ -192,7 +193,8 @@ def report(results):
     for label, row in TABLE4.items():
         lines.append(f"| {row} | {cell([top1(results, n) for n in seeds_of(results, f'{label}-e{SHORT}')])} |")
     lines += ["", f"Rotaries on cat-tiny, trained at {ROTARY_RES} px; shapes: 1 epoch at 64 px", "",
-              "| pos | " + " | ".join(f"{r} px" for r in ROTARY_EVAL) + f" | loss at {ROTARY_EVAL[-1]} | shapes |",
+              "| pos | " + " | ".join(f"{r} px" for r in ROTARY_EVAL)
+              + f" | points lost {ROTARY_EVAL[0]} -> {ROTARY_EVAL[-1]} | shapes |",
               "| --- " * (len(ROTARY_EVAL) + 3) + "|"]
     for pos in ROTARIES:
         names = seeds_of(results, f"rotary-{pos}")
