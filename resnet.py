@@ -1,6 +1,8 @@
 """The ConvNet reference of the results: torchvision's resnet18, from random weights, behind the few methods
 train.py and eval.py call on a model. Nothing of the network is written here: `ResNet18(config)` is
 `torchvision.models.resnet18(num_classes=config.num_classes)`, module for module."""
+import dataclasses
+
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -23,5 +25,6 @@ class ResNet18(ResNet):
         return sum(p.numel() for p in self.parameters())
 
     def reset_classifier(self, num_classes):
+        """A new, freshly initialised head (torchvision's Linear init) for num_classes classes."""
         self.fc = nn.Linear(self.fc.in_features, num_classes, device=self.fc.weight.device)
-        self.config.num_classes = num_classes
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)

@@ -1,7 +1,7 @@
 """CAT as a backbone (issue 14): the feature API, reset_classifier, activation checkpointing, torch.export,
 fine-tuning from a checkpoint (train.py --init-from)."""
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -282,3 +282,18 @@ def test_resnet18_is_torchvisions_with_the_training_interface():
     assert len(decay["params"]) == 21 and all(p.dim() == 1 for p in no_decay["params"])   # 20 convs + the head
     with pytest.raises(ValueError, match="pos='none'"):
         replace(PRESETS["resnet18"], pos="cat")
+
+
+def test_resnet18_fine_tunes_to_new_classes(tmp_path):
+    """--init-from on resnet18: every weight but the head (torchvision's `fc`) comes from the checkpoint."""
+    source = build_model(replace(PRESETS["resnet18"], num_classes=10))
+    train.save_checkpoint({"format": train.CHECKPOINT_FORMAT, "config": asdict(source.config),
+                           "model": source.state_dict()}, str(tmp_path / "c.pt"))
+    target = build_model(replace(PRESETS["resnet18"], num_classes=3))
+    weights = train.fine_tuning_weights(str(tmp_path / "c.pt"), target)
+    target.load_state_dict(weights)
+    torch.testing.assert_close(target.conv1.weight, source.conv1.weight)
+    assert target.fc.weight.shape == (3, 512)
+    target.reset_classifier(7)
+    assert target(torch.randn(1, 3, 64, 64)).shape == (1, 7) and target.config.num_classes == 7
+    assert PRESETS["resnet18"].num_classes == 1000                  # the preset is not touched

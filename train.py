@@ -383,8 +383,9 @@ def fine_tuning_weights(path, model):
                               f"resolution: {', '.join(differ)}")
     weights = model_from_checkpoint(state, path).state_dict()
     if old["num_classes"] != model.config.num_classes:
-        weights = {name: w for name, w in weights.items() if not name.startswith("head.")}
-        weights.update({name: w for name, w in model.state_dict().items() if name.startswith("head.")})
+        head = ("head.", "fc.")                                      # fc.: resnet18's, torchvision's name
+        weights = {name: w for name, w in weights.items() if not name.startswith(head)}
+        weights.update({name: w for name, w in model.state_dict().items() if name.startswith(head)})
     if "ape.table" in weights and weights["ape.table"].shape != model.ape.table.shape:
         weights["ape.table"] = F.interpolate(weights["ape.table"], size=model.ape.table.shape[-2:], mode="bicubic",
                                              align_corners=False)
