@@ -294,9 +294,11 @@ def main():
         if not todo:
             break
         name, (flags, res) = next(iter(todo.items()))
-        if summary(name, flags, res) is None:
+        result = summary(name, flags, res)          # evaluated before the results file saw it: no rerun
+        if result is None:
             run(name, flags, res)
-        results[name] = summary(name, flags, res)
+            result = summary(name, flags, res)
+        results[name] = result
         save(results, args.json, args.commit, name)
     print(report(results))
     print("\nAngle spread per head (radians) at the training grid\n\n" + angle_spreads())
