@@ -15,13 +15,17 @@ import math
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
 
 from model import LINEAR_ABOVE, build_model, PRESETS, count_flops, cross_axis_attention
-from train import PEAK_FLOPS, bf16_is_fast, fp32_means_fp32, keep_freed_memory, non_negative_int, positive_int
+from train import (PEAK_FLOPS, bf16_is_fast, device_name, fp32_means_fp32, keep_freed_memory, non_negative_int,
+                   positive_int)
 
 
 def parse_args(argv=None):
@@ -49,6 +53,9 @@ def parse_args(argv=None):
                         help="time forward_features (the backbone, no head) instead of the classifier")
     parser.add_argument("--grad-checkpoint", action="store_true",
                         help="also time each model with gradient checkpointing (rows named MODEL+gc)")
+    parser.add_argument("--kernel-ceiling", action="store_true",
+                        help="also time the FLOP kernels of each training step alone (matmuls, convolutions, "
+                             "attention): the step's speed if nothing else took time")
     parser.add_argument("--smoke", action="store_true", help="tiny models at 32/64 px, one round: seconds")
     parser.add_argument("--os-allocator", action="store_true", help="CPU: leave glibc returning freed memory to "
                         "the OS (default: keep it, see train.keep_freed_memory)")
@@ -141,6 +148,57 @@ def matmul_rate(device, dtype, seconds=2.0, weight_gradient=False):
     return 2 * 3136 * 1024 * 3072 * count / elapsed
 
 
+# The kernels that do a step's FLOPs: those torch.utils.flop_counter counts, and the CPU's fused attention.
+FLOP_KERNELS = {*flop_registry, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A tensor argument of a recorded kernel: what its speed depends on, not its values."""
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+    def tensor(self, device):
+        """Random values in this exact layout (transposed, expanded or padded strides included)."""
+        size = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if all(self.shape) else 0
+        base = (torch.randn(size, device=device).to(self.dtype) if self.dtype.is_floating_point
+                else torch.zeros(size, dtype=self.dtype, device=device))
+        return base.as_strided(self.shape, self.stride)
+
+
+class RecordFlopKernels(TorchDispatchMode):
+    """Records every FLOP kernel an eager step calls, forward and backward, with the layouts of its tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in FLOP_KERNELS:
+            layout = lambda x: Layout(tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x
+            self.calls.append((func, tree_map(layout, args), tree_map(layout, kwargs)))
+        return func(*args, **kwargs)
+
+
+def kernel_seconds(calls, device, repeats=3):
+    """Seconds the recorded kernels take when each runs alone on random inputs of its layouts (the best of
+    `repeats` after a warm-up call; calls alike, such as the same Linear in every block, are timed once). It is
+    the step's time if everything between the kernels (norms, rotations, casts, copies) took none.
+    The layouts are eager mode's: a compiled graph may call some kernels with others."""
+    best, total = {}, 0.0
+    for func, args, kwargs in calls:
+        key = repr((func, args, kwargs))
+        if key not in best:
+            args, kwargs = tree_map(lambda x: x.tensor(device) if isinstance(x, Layout) else x, (args, kwargs))
+            func(*args, **kwargs)
+            best[key] = min(timed(lambda: func(*args, **kwargs), device) for _ in range(repeats))
+        total += best[key]
+    return total
+
+
 def benchmark(args, matmul_peak=None):
     """Rows of speed and memory per model and resolution. MFU is against the device's bf16 peak on known GPUs,
     else against matmul_peak (the measured matmul rate of the dtype the models run in)."""
@@ -196,6 +254,15 @@ def benchmark(args, matmul_peak=None):
             if flops:
                 row["train_tflops_per_s"] = 3 * flops * row["train_images_per_s"] / 1e12
                 row["mfu"] = row["train_tflops_per_s"] * 1e12 / peak if peak else None
+            if args.kernel_ceiling:
+                recorder = RecordFlopKernels()
+                raw.zero_grad(set_to_none=True)
+                with recorder:
+                    train_step(raw.forward_features if args.features else raw, config.num_classes)
+                kernel_s = kernel_seconds(recorder.calls, device)
+                row["kernel_ms"], row["kernel_share"] = 1000 * kernel_s, kernel_s / train_s
+                if flops:
+                    row["kernel_tflops_per_s"] = 3 * flops * args.batch_size / kernel_s / 1e12
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 raw.zero_grad(set_to_none=True)
@@ -203,6 +270,10 @@ def benchmark(args, matmul_peak=None):
                 row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             rows.append(row)
             print(format_row(row), flush=True)
+            if "kernel_ms" in row:
+                ceiling = f", {row['kernel_tflops_per_s']:.3f} TFLOP/s" if "kernel_tflops_per_s" in row else ""
+                print(f"{'':>17}its FLOP kernels alone: {row['kernel_ms']:.1f} ms a step, "
+                      f"{100 * row['kernel_share']:.0f}% of it{ceiling}", flush=True)
         del built
     return rows
 
@@ -266,8 +337,7 @@ def crossover(widths, head_dim, heads, device, iters, warmup):
 def main(argv=None):
     args = parse_args(argv)
     fp32_means_fp32()                              # what train.py runs: TF32 off, bf16 autocast for speed
-    threads = torch.get_num_threads()
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {threads} threads"
+    where = device_name(torch.device(args.device))
     if args.device == "cpu" and not args.os_allocator:
         where += ", freed memory kept" if keep_freed_memory() else ""
     print(f"bench on {where}, batch {args.batch_size}, median of >= {args.iters} timed round(s) (and >= "

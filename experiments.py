@@ -1,7 +1,7 @@
 """The README's results: CAT against ViT, Performer, Swin and a ResNet-18 on Imagenette, the CAT paper's Table 4,
 the 2D rotaries across resolutions, and the paper's 10-epoch headline.
 
-    python experiments.py                      # every run not finished yet, in the order below; about 16 h on 2 CPU cores
+    python experiments.py                      # every run not finished yet, in order; about 16 h on 2 Xeon cores (AMX)
     python experiments.py --runs cat-tiny-s0   # some runs only (by name; --list shows them all)
     python experiments.py --commit             # commit the results file after each run (for long sweeps)
     python experiments.py --report             # the tables and plots from the results file only
@@ -93,11 +93,16 @@ def plan(seeds):
 
 def equal_time_plan(seeds, results):
     """ViT given CAT's training time instead of its epochs: as many steps as it makes in the seconds cat-tiny
-    took for 20 epochs, on the same cosine schedule (compressed to those steps). Known once both have run."""
+    took for 20 epochs, on the same cosine schedule (compressed to those steps). Known once both have run. The
+    two speeds must come from one machine (sessions here get different CPUs): the seed's own pair when its two
+    runs trained on the same machine, else the first seed's pair that did."""
+    def pair(seed):
+        return results.get(f"cat-tiny-s{seed}"), results.get(f"vit-tiny-s{seed}")
+    timed = [p for p in map(pair, seeds) if all(p) and p[0].get("machine") == p[1].get("machine")]
     runs = {}
     for seed in seeds:
-        cat, vit = results.get(f"cat-tiny-s{seed}"), results.get(f"vit-tiny-s{seed}")
-        if cat and vit:
+        if all(pair(seed)) and timed:
+            cat, vit = pair(seed) if pair(seed) in timed else timed[0]
             steps = round(cat["train_seconds"] * vit["train_images_per_s"] / BATCH)
             flags, res = plan([seed])[f"vit-tiny-s{seed}"]
             runs[f"vit-tiny-time-s{seed}"] = ([*flags, "--max-steps", str(steps)], res)
@@ -125,10 +130,12 @@ def summary(name, flags, res):
         return None
     with open(os.path.join(OUT, name, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    start = next(r for r in records if r.get("event") == "start")
+    starts = [r for r in records if r.get("event") == "start"]
     last = records[-1]
     images = last["step"] * BATCH
-    return {"flags": flags, "params": start["params"], "flops_per_image": start["flops_per_image"],
+    machines = dict.fromkeys(r.get("device_name", "not recorded") for r in starts)     # more if it moved
+    return {"flags": flags, "machine": " then ".join(machines),
+            "params": starts[0]["params"], "flops_per_image": starts[0]["flops_per_image"],
             "train_seconds": last["train_seconds"], "train_images_per_s": images / last["train_seconds"],
             "curve": [[r["train_seconds"], r["epoch"], r["val_top1"]] for r in records if "val_top1" in r],
             "eval": [{k: row[k] for k in ("res", "top1", "top5", "loss")} for row in rows]}
@@ -202,6 +209,11 @@ def report(results):
         drop = [a - b for a, b in zip(at[0], at[-1]) if a is not None and b is not None]
         shapes = [top1(results, n, 64) for n in seeds_of(results, f"shapes-{pos}")]
         lines.append(f"| `{pos}` | " + " | ".join(cell(v) for v in at) + f" | {cell(drop)} | {cell(shapes)} |")
+    machines = {}
+    for name, result in results.items():
+        machines.setdefault(result.get("machine", "not recorded"), []).append(name)
+    lines += ["", "Speeds and times are the training machine's (2 CPU cores each; a table row may mix machines):"]
+    lines += [f"- {machine}: {', '.join(names)}" for machine, names in machines.items()]
     cat, vit = seeds_of(results, f"cat-tiny-e{SHORT}"), seeds_of(results, f"vit-tiny-e{SHORT}")
     if cat and vit:
         def ratio(value):           # CAT's mean over its seeds / ViT's

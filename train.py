@@ -240,12 +240,35 @@ def fp32_means_fp32():
 
 def bf16_is_fast(device):
     """Whether bf16 autocast is the default (--amp): on CUDA devices with bf16 support, and on CPUs whose matmul
-    units take bf16 (AMX tiles or AVX512-BF16: 2.6 against 0.30 TFLOP/s in fp32 on 2 cores of this project's
-    Xeon). Elsewhere bf16 would be emulated, slower than fp32, so the default is fp32."""
+    units take bf16 (AMX tiles or AVX512-BF16: 2.6 against 0.30 TFLOP/s in fp32 on 2 cores of a Xeon with AMX,
+    0.64 against 0.15 on 2 cores of an AMD EPYC with AVX512-BF16). Elsewhere bf16 would be emulated, slower than
+    fp32, so the default is fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)()
-                                        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return device.type == "cpu" and cpu_bf16_units() is not None
+
+
+def cpu_bf16_units():
+    """'AMX' or 'AVX512-BF16': the CPU's bf16 matmul units, or None."""
+    for units, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        if getattr(torch.cpu, probe, lambda: False)():
+            return units
+    return None
+
+
+def device_name(device):
+    """What runs the steps, for the metrics log and bench.py: the GPU's name, or the CPU's model with its bf16
+    matmul units and thread count. Results from other machines differ in speed (the project's 2-core machines
+    have been Xeons with AMX and AMD EPYCs with AVX512-BF16 only, whose bf16 matmuls are 4x slower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({cpu_bf16_units() or 'no bf16 units'}), {torch.get_num_threads()} threads"
 
 
 def all_sum(values, device):
@@ -740,7 +763,7 @@ def train(args, parser):
         f"{world} process(es) on {device.type}, {total_steps} steps of {args.batch_size * args.accum * world} images")
     if is_main:
         log({"event": "start", "step": step, "resumed_from": resumed_from, "args": vars(args),
-             "config": asdict(config), "world_size": world,
+             "config": asdict(config), "world_size": world, "device_name": device_name(device),
              "amp": use_amp, "compile": use_compile,
              "params": raw_model.num_params(), "flops_per_image": flops_per_image})
 
