@@ -101,8 +101,9 @@ def equal_time_plan(seeds, results):
     timed = [p for p in map(pair, seeds) if all(p) and p[0].get("machine") == p[1].get("machine")]
     runs = {}
     for seed in seeds:
-        if all(pair(seed)) and timed:
-            cat, vit = pair(seed) if pair(seed) in timed else timed[0]
+        own = pair(seed)
+        if all(own) and timed:
+            cat, vit = own if own in timed else timed[0]
             steps = round(cat["train_seconds"] * vit["train_images_per_s"] / BATCH)
             flags, res = plan([seed])[f"vit-tiny-s{seed}"]
             runs[f"vit-tiny-time-s{seed}"] = ([*flags, "--max-steps", str(steps)], res)
