@@ -215,6 +215,41 @@ def test_every_experiment_is_a_valid_train_command():
     assert train.parse_args(experiments.equal_time_plan([1], results)["vit-tiny-time-s1"][0])[0].max_steps == 500
 
 
+def test_headline_time_ratio_comes_from_one_machine():
+    """CAT's 10-epoch run trained on an EPYC and ViT's on a Xeon: their times are not comparable, so the ratio
+    falls back to the 20-epoch pair that shares a machine, and says which."""
+    here, there = "Xeon (AMX), 2 threads", "EPYC (AVX512-BF16), 2 threads"
+    results = {"cat-tiny-e10-s0": {"train_seconds": 1300.0, "machine": there},
+               "vit-tiny-e10-s0": {"train_seconds": 2000.0, "machine": here},
+               "cat-tiny-s0": {"train_seconds": 1500.0, "machine": here},
+               "vit-tiny-s0": {"train_seconds": 4000.0, "machine": here},
+               "vit-tiny-s1": {"train_seconds": 9000.0, "machine": there}}
+    assert experiments.time_ratio(results) == f"training time 0.38x (cat-tiny / vit-tiny on {here})"
+    results["cat-tiny-e10-s1"] = {"train_seconds": 700.0, "machine": here}      # now a 10-epoch pair on one machine
+    assert experiments.time_ratio(results) == f"training time 0.35x (cat-tiny-e10 / vit-tiny-e10 on {here})"
+    assert "no CAT and ViT" in experiments.time_ratio({"cat-tiny-s0": results["cat-tiny-s0"]})
+
+
+def test_the_sweep_keeps_edits_made_to_the_results_file_while_a_run_trains(tmp_path, monkeypatch):
+    """A run takes up to an hour: a correction written to the results file meanwhile must survive its save."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"old": {"machine": "as first written"}}))
+    monkeypatch.setattr(experiments, "plan", lambda seeds: {"new": (["--seed", "0"], [])})
+    monkeypatch.setattr(experiments, "equal_time_plan", lambda seeds, results: {})
+    monkeypatch.setattr(experiments, "report", lambda results: "")
+    monkeypatch.setattr(experiments, "angle_spreads", lambda: "")
+    finished = []
+    monkeypatch.setattr(experiments, "summary", lambda name, flags, res: {"machine": "here"} if finished else None)
+
+    def run(name, flags, res):          # the edit lands while the run trains
+        path.write_text(json.dumps({"old": {"machine": "corrected"}}))
+        finished.append(name)
+    monkeypatch.setattr(experiments, "run", run)
+    monkeypatch.setattr(sys, "argv", ["experiments.py", "--json", str(path), "--plot", ""])
+    experiments.main()
+    assert json.loads(path.read_text()) == {"old": {"machine": "corrected"}, "new": {"machine": "here"}}
+
+
 def test_a_run_records_the_machine_it_trained_on(tmp_path, monkeypatch):
     """Sessions here get different CPUs (a Xeon with AMX, an EPYC whose bf16 matmuls are 4x slower): every
     speed in the results must say where it was measured."""
