@@ -230,7 +230,7 @@ def time_ratio(results):
     CPUs): the 10-epoch runs if both trained on one machine, else the 20-epoch ones (the ratio per epoch is the
     same; train_seconds counts training steps only, not validation)."""
     for suffix in [f"-e{SHORT}", ""]:
-        cat, vit = ([results[n] for n in seeds_of(results, f"{label}{suffix}")] for label in HEADLINE_SEEDS)
+        cat, vit = ([results[n] for n in seeds_of(results, f"{label}{suffix}")] for label in ("cat-tiny", "vit-tiny"))
         machine = next((r["machine"] for r in cat if r["machine"] in {v["machine"] for v in vit}), None)
         if machine:
             seconds = [statistics.mean(r["train_seconds"] for r in runs if r["machine"] == machine)
