@@ -1,7 +1,7 @@
 """The README's results: CAT against ViT, Performer, Swin and a ResNet-18 on Imagenette, the CAT paper's Table 4,
 the 2D rotaries across resolutions, and the paper's 10-epoch headline.
 
-    python experiments.py                      # every run not finished yet, in order; about 16 h on 2 Xeon cores (AMX)
+    python experiments.py                      # every run not finished yet, in order; about 18 h on 2 Xeon cores (AMX)
     python experiments.py --runs cat-tiny-s0   # some runs only (by name; --list shows them all)
     python experiments.py --commit             # commit the results file after each run (for long sweeps)
     python experiments.py --report             # the tables and plots from the results file only
@@ -35,16 +35,27 @@ RECIPE = ["--data", "imagefolder", "--batch-size", str(BATCH), "--lr", "1e-3", "
           "--amp", "--compile"]
 RES, EPOCHS, SHORT = 128, 20, 10                # the families at 128 px for 20 epochs; Table 4 and headline: 10
 ROTARY_RES, ROTARY_EVAL = 80, [80, 120, 160]    # the rotaries: trained at 80 px, evaluated up to 2x
+
+
+def cat_tiny(pos="cat", imprint="constant"):
+    """cat-tiny's flags with its rotary and imprint pinned: the results of this sweep may change the preset (README,
+    recommended presets), and the runs still queued must match the finished ones."""
+    return ["--model", "cat-tiny", "--pos", pos, "--imprint", imprint]
+
+
 FAMILIES = {                                    # run label: train.py flags
-    "cat-tiny": ["--model", "cat-tiny"],
+    "cat-tiny": cat_tiny(),
     "vit-tiny": ["--model", "vit-tiny"],
     "resnet18": ["--model", "resnet18"],
     "swin-tiny": ["--model", "swin-tiny"],
     "performer-tiny": ["--model", "performer-tiny"],
-    "cat-ref-tiny": ["--model", "cat-tiny", "--pos", "cat_ref", "--axis", "row", "--imprint", "tanh_decay",
-                     "--pool", "corner"],       # the released code's behaviour at cat-tiny size
+    # the released code's behaviour at cat-tiny size
+    "cat-ref-tiny": [*cat_tiny("cat_ref", "tanh_decay"), "--axis", "row", "--pool", "corner"],
     "vit-tiny-mlp1": ["--model", "vit-tiny", "--mlp-ratio", "1"],     # ViT with CAT's FFN: attention vs attention
+    "cat-tiny-scaled": cat_tiny(pos="scaled"),  # the recommended rotary (README) at 128 px
 }
+SHOWN = {"cat-tiny": "cat-tiny, `cat` rotary", "cat-tiny-scaled": "cat-tiny, `scaled` rotary",
+         "vit-tiny-time": "vit-tiny at cat-tiny's time"}
 HEADLINE_SEEDS = ("cat-tiny", "vit-tiny")       # 3 seeds; the other families 1
 HEADLINE = (*HEADLINE_SEEDS, "resnet18")        # run first
 TABLE4 = {                                      # paper Table 4 rows on cat-tiny, 10 epochs
@@ -55,10 +66,10 @@ TABLE4 = {                                      # paper Table 4 rows on cat-tiny
     "cat-mid-norm": "w/ Mid-Normalisation",
     "cat-xy-mask": "w/ Learned X/Y Mask",
 }
-TABLE4_FLAGS = {"cat-tiny": [], "cat-imprint-none": ["--imprint", "none"],
-                "cat-imprint-tanh_decay": ["--imprint", "tanh_decay"],
-                "cat-imprint-tanh_grow": ["--imprint", "tanh_grow"], "cat-mid-norm": ["--mid-norm"],
-                "cat-xy-mask": ["--xy-mask"]}
+TABLE4_FLAGS = {"cat-tiny": cat_tiny(), "cat-imprint-none": cat_tiny(imprint="none"),
+                "cat-imprint-tanh_decay": cat_tiny(imprint="tanh_decay"),
+                "cat-imprint-tanh_grow": cat_tiny(imprint="tanh_grow"), "cat-mid-norm": [*cat_tiny(), "--mid-norm"],
+                "cat-xy-mask": [*cat_tiny(), "--xy-mask"]}
 ROTARIES = ["cat", "scaled", "mixed", "axial", "none"]
 SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
 FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training (eval.py runs after it): the
@@ -81,13 +92,12 @@ def plan(seeds):
         rotaries = groups.setdefault((i, 1), {})
         for pos in ROTARIES:
             rotaries[f"rotary-{pos}-s{seed}"] = ([*RECIPE, "--data-dir", DATA, "--res", str(ROTARY_RES), "--epochs",
-                                                 str(EPOCHS), *FINAL_EVAL_ONLY, "--model", "cat-tiny", "--pos", pos,
-                                                 *s], ROTARY_EVAL)
-            rotaries[f"shapes-{pos}-s{seed}"] = ([*SHAPES, "--model", "cat-tiny", "--pos", pos, *s], [])
+                                                 str(EPOCHS), *FINAL_EVAL_ONLY, *cat_tiny(pos), *s], ROTARY_EVAL)
+            rotaries[f"shapes-{pos}-s{seed}"] = ([*SHAPES, *cat_tiny(pos), *s], [])
         short, tenth = [*recipe, "--epochs", str(SHORT), *FINAL_EVAL_ONLY], groups.setdefault((i, 3), {})
         tenth[f"vit-tiny-e{SHORT}-s{seed}"] = ([*short, "--model", "vit-tiny", *s], [RES])
         for label, flags in TABLE4_FLAGS.items():
-            tenth[f"{label}-e{SHORT}-s{seed}"] = ([*short, "--model", "cat-tiny", *flags, *s], [RES])
+            tenth[f"{label}-e{SHORT}-s{seed}"] = ([*short, *flags, *s], [RES])
     return {name: v for key in sorted(groups) for name, v in groups[key].items()}
 
 
@@ -189,27 +199,30 @@ def report(results):
     for label in [*FAMILIES, "vit-tiny-time"]:          # queued families: a row of '-'
         names = seeds_of(results, label)
         if not names:
-            lines += [f"| {label} | - | - | - | - | - | - |"] if label in FAMILIES else []
+            lines += [f"| {SHOWN.get(label, label)} | - | - | - | - | - | - |"] if label in FAMILIES else []
             continue
         r = [results[n] for n in names]
-        shown = "vit-tiny at cat-tiny's time" if label == "vit-tiny-time" else label
-        lines.append(f"| {shown} | {r[0]['params'] / 1e6:.2f}M | {r[0]['flops_per_image'] / 1e9:.2f} | "
+        lines.append(f"| {SHOWN.get(label, label)} | {r[0]['params'] / 1e6:.2f}M | "
+                     f"{r[0]['flops_per_image'] / 1e9:.2f} | "
                      f"{cell([top1(results, n) for n in names])} | {cell([top1(results, n, 160) for n in names])}"
                      f" | {cell([x['train_images_per_s'] for x in r], 0)}"
                      f" | {cell([x['train_seconds'] / 60 for x in r])} |")
-    lines += ["", f"Table 4 on cat-tiny, {SHORT} epochs", "", "| row | top-1 |", "| --- | --- |"]
+    lines += ["", f"Table 4 on cat-tiny, {SHORT} epochs", "", "| row | top-1 | per seed |", "| --- | --- | --- |"]
     for label, row in TABLE4.items():
-        lines.append(f"| {row} | {cell([top1(results, n) for n in seeds_of(results, f'{label}-e{SHORT}')])} |")
+        values = [top1(results, n) for n in sorted(seeds_of(results, f"{label}-e{SHORT}"))]
+        lines.append(f"| {row} | {cell(values)} | {', '.join(f'{v:.1f}' for v in values)} |")
     lines += ["", f"Rotaries on cat-tiny, trained at {ROTARY_RES} px; shapes: 1 epoch at 64 px", "",
               "| pos | " + " | ".join(f"{r} px" for r in ROTARY_EVAL)
-              + f" | points lost {ROTARY_EVAL[0]} -> {ROTARY_EVAL[-1]} | shapes |",
-              "| --- " * (len(ROTARY_EVAL) + 3) + "|"]
+              + f" | points lost {ROTARY_EVAL[0]} -> {ROTARY_EVAL[-1]} | shapes | train min |",
+              "| --- " * (len(ROTARY_EVAL) + 4) + "|"]
     for pos in ROTARIES:
         names = seeds_of(results, f"rotary-{pos}")
         at = [[top1(results, n, r) for n in names] for r in ROTARY_EVAL]
         drop = [a - b for a, b in zip(at[0], at[-1]) if a is not None and b is not None]
         shapes = [top1(results, n, 64) for n in seeds_of(results, f"shapes-{pos}")]
-        lines.append(f"| `{pos}` | " + " | ".join(cell(v) for v in at) + f" | {cell(drop)} | {cell(shapes)} |")
+        minutes = cell([results[n]["train_seconds"] / 60 for n in names])
+        lines.append(f"| `{pos}` | " + " | ".join(cell(v) for v in at)
+                     + f" | {cell(drop)} | {cell(shapes)} | {minutes} |")
     machines = {}
     for name, result in results.items():
         machines.setdefault(result.get("machine", "not recorded"), []).append(name)

@@ -185,8 +185,8 @@ def test_bench_refuses_bad_sizes(args, message, capsys):
 def test_every_experiment_is_a_valid_train_command():
     """The sweep takes hours: a typo in one of its runs must fail here, not in the middle of it."""
     plan = experiments.plan(seeds=[0, 1, 2])
-    # 7 families + 2 x 2 more headline seeds, 2 seeds x (5 rotaries + 5 shapes + ViT and 6 Table 4 rows at 10 epochs)
-    assert len(plan) == 7 + 4 + 2 * (5 + 5 + 7)
+    # 8 families + 2 x 2 more headline seeds, 2 seeds x (5 rotaries + 5 shapes + ViT and 6 Table 4 rows at 10 epochs)
+    assert len(plan) == 8 + 4 + 2 * (5 + 5 + 7)
     assert list(plan)[:3] == ["cat-tiny-s0", "vit-tiny-s0", "resnet18-s0"]       # the headline first
     assert list(plan)[-2:] == ["cat-tiny-s2", "vit-tiny-s2"]                     # third seeds last
     for name, (flags, res) in plan.items():
@@ -200,6 +200,12 @@ def test_every_experiment_is_a_valid_train_command():
     assert train.parse_args(plan["cat-xy-mask-e10-s1"][0])[0].xy_mask
     assert train.parse_args(plan["rotary-scaled-s0"][0])[0].pos == "scaled"
     assert train.parse_args(plan["resnet18-s0"][0])[0].model == "resnet18"
+    # the preset may change mid-sweep: no CAT run may take its rotary or imprint from it
+    for name, (flags, _) in plan.items():
+        args, _ = train.parse_args(flags)
+        if args.model == "cat-tiny":
+            assert args.pos is not None and args.imprint is not None, name
+    assert [train.parse_args(plan[n][0])[0].pos for n in ("cat-tiny-s2", "cat-tiny-scaled-s0")] == ["cat", "scaled"]
     cat = {"train_seconds": 600.0, "train_images_per_s": 150.0}
     vit = {"train_seconds": 1500.0, "train_images_per_s": 64.0}
     timed = experiments.equal_time_plan([0, 1], {"cat-tiny-s0": cat, "vit-tiny-s0": vit, "cat-tiny-s1": cat})
