@@ -197,12 +197,12 @@ def report(results):
              f"| model | params | GFLOPs | top-1 @ {EPOCHS} ep | top-1 @ 160 px | train img/s | train min |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for label in [*FAMILIES, "vit-tiny-time"]:          # queued families: a row of '-'
-        names = seeds_of(results, label)
+        names, shown = seeds_of(results, label), SHOWN.get(label, label)
         if not names:
-            lines += [f"| {SHOWN.get(label, label)} | - | - | - | - | - | - |"] if label in FAMILIES else []
+            lines += [f"| {shown} | - | - | - | - | - | - |"] if label in FAMILIES else []
             continue
         r = [results[n] for n in names]
-        lines.append(f"| {SHOWN.get(label, label)} | {r[0]['params'] / 1e6:.2f}M | "
+        lines.append(f"| {shown} | {r[0]['params'] / 1e6:.2f}M | "
                      f"{r[0]['flops_per_image'] / 1e9:.2f} | "
                      f"{cell([top1(results, n) for n in names])} | {cell([top1(results, n, 160) for n in names])}"
                      f" | {cell([x['train_images_per_s'] for x in r], 0)}"
