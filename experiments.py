@@ -19,6 +19,7 @@ flips, batch 64, bf16 autocast and torch.compile, one process; `none` of the hea
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -188,6 +189,21 @@ def cell(values, digits=1):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)})"
 
 
+def machine_tag(machine):
+    """'Intel(R) Xeon(R) Processor (AMX), 2 threads' -> 'Xeon': the word a table cell or a legend can carry."""
+    return " ".join(re.sub(r"\(R\)|\(.*?\)|Intel|AMD|Processor|,.*", "", machine).split()) or machine
+
+
+def by_machine(runs, value, digits=1):
+    """cell() of value(run) per training machine, most runs first: '133 ± 7 (2) Xeon; 70 EPYC'. Speeds and
+    times from different CPUs are never averaged together."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(machine_tag(run.get("machine", "not recorded")), []).append(value(run))
+    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+    return "; ".join(f"{cell(values, digits)} {machine}" for machine, values in ordered) or "-"
+
+
 def seeds_of(results, label):
     return [name for name in results if name.startswith(f"{label}-s") and name[len(label) + 2:].isdigit()]
 
@@ -205,8 +221,8 @@ def report(results):
         lines.append(f"| {shown} | {r[0]['params'] / 1e6:.2f}M | "
                      f"{r[0]['flops_per_image'] / 1e9:.2f} | "
                      f"{cell([top1(results, n) for n in names])} | {cell([top1(results, n, 160) for n in names])}"
-                     f" | {cell([x['train_images_per_s'] for x in r], 0)}"
-                     f" | {cell([x['train_seconds'] / 60 for x in r])} |")
+                     f" | {by_machine(r, lambda x: x['train_images_per_s'], 0)}"
+                     f" | {by_machine(r, lambda x: x['train_seconds'] / 60)} |")
     lines += ["", f"Table 4 on cat-tiny, {SHORT} epochs", "", "| row | top-1 | per seed |", "| --- | --- | --- |"]
     for label, row in TABLE4.items():
         values = [top1(results, n) for n in sorted(seeds_of(results, f"{label}-e{SHORT}"))]
@@ -220,13 +236,13 @@ def report(results):
         at = [[top1(results, n, r) for n in names] for r in ROTARY_EVAL]
         drop = [a - b for a, b in zip(at[0], at[-1]) if a is not None and b is not None]
         shapes = [top1(results, n, 64) for n in seeds_of(results, f"shapes-{pos}")]
-        minutes = cell([results[n]["train_seconds"] / 60 for n in names])
+        minutes = by_machine([results[n] for n in names], lambda x: x["train_seconds"] / 60)
         lines.append(f"| `{pos}` | " + " | ".join(cell(v) for v in at)
                      + f" | {cell(drop)} | {cell(shapes)} | {minutes} |")
     machines = {}
     for name, result in results.items():
         machines.setdefault(result.get("machine", "not recorded"), []).append(name)
-    lines += ["", "Speeds and times are the training machine's (2 CPU cores each; a table row may mix machines):"]
+    lines += ["", "Speeds and times are per training machine, tagged (2 CPU cores each); the machines and their runs:"]
     lines += [f"- {machine}: {', '.join(names)}" for machine, names in machines.items()]
     cat, vit = seeds_of(results, f"cat-tiny-e{SHORT}"), seeds_of(results, f"vit-tiny-e{SHORT}")
     if cat and vit:
@@ -282,11 +298,18 @@ def plot(results, path):
         print("matplotlib is not installed: no plot")
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    machines = [machine_tag(r.get("machine", "not recorded")) for r in results.values()]
+    main = max(set(machines), key=machines.count)       # solid lines; other machines dashed and named
     for i, label in enumerate([*FAMILIES, "vit-tiny-time"]):
-        for j, name in enumerate(seeds_of(results, label)):
+        shown = set()
+        for name in seeds_of(results, label):
             minutes, _, top = zip(*results[name]["curve"])
-            left.plot([m / 60 for m in minutes], top, color=f"C{i}", alpha=0.8, label=None if j else label)
-    left.set(xlabel="training time (min, 2 CPU cores, bf16)", ylabel=f"val top-1 (%), {RES} px",
+            machine = machine_tag(results[name].get("machine", "not recorded"))
+            key = label if machine == main else f"{label} ({machine})"
+            left.plot([m / 60 for m in minutes], top, "-" if machine == main else "--", color=f"C{i}", alpha=0.8,
+                      label=None if key in shown else key)
+            shown.add(key)
+    left.set(xlabel=f"training time (min, 2 CPU cores, bf16; solid: {main})", ylabel=f"val top-1 (%), {RES} px",
              title=f"Imagenette, {EPOCHS} epochs")
     for pos in ROTARIES:
         names = seeds_of(results, f"rotary-{pos}")

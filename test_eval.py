@@ -233,6 +233,19 @@ def test_headline_time_ratio_comes_from_one_machine():
     assert "no CAT and ViT" in experiments.time_ratio({"cat-tiny-s0": results["cat-tiny-s0"]})
 
 
+def test_report_never_averages_speeds_from_different_machines():
+    """cat-tiny's third seed trained on the EPYC, at half the Xeon's speed: its row gives each machine's own
+    figure, tagged, where one mean over the three would describe no machine."""
+    def run(top1, per_s, machine):
+        return {"params": 1e6, "flops_per_image": 1e9, "train_images_per_s": per_s, "train_seconds": 189e3 / per_s,
+                "machine": machine, "eval": [{"res": 128, "top1": top1}, {"res": 160, "top1": top1}]}
+    xeon, epyc = "Intel(R) Xeon(R) Processor (AMX), 2 threads", "AMD EPYC (AVX512-BF16), 2 threads"
+    results = {"cat-tiny-s0": run(70, 130, xeon), "cat-tiny-s1": run(71, 136, xeon), "cat-tiny-s2": run(72, 70, epyc)}
+    row = next(line for line in experiments.report(results).splitlines() if line.startswith("| cat-tiny, `cat`"))
+    assert "| 71.0 ± 1.0 (3) |" in row                                      # accuracy: every seed
+    assert "| 133 ± 4 (2) Xeon; 70 EPYC | 23.7 ± 0.8 (2) Xeon; 45.0 EPYC |" in row
+
+
 def test_the_sweep_keeps_edits_made_to_the_results_file_while_a_run_trains(tmp_path, monkeypatch):
     """A run takes up to an hour: a correction written to the results file meanwhile must survive its save."""
     path = tmp_path / "results.json"
