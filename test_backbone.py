@@ -202,13 +202,14 @@ def test_export_round_trip(config):
     torch.testing.assert_close(program.module()(other), model(other), rtol=1e-5, atol=1e-6)
 
 
-def test_export_with_dynamic_image_size():
-    """Batch, height and width stay symbolic with the in-graph rotaries (axial, mixed) or no positions. ('cat'
-    and 'ape' pin the grid size for now: torch.linspace in rope2d.cat_coords and AbsolutePosition's size check.)
-    form='auto' keeps the cross-axis product order of the export shape, checked at run time: valid up to a grid
-    of LINEAR_ABOVE * head dim (22 here), so the Dims stop at 16."""
+@pytest.mark.parametrize("pos", ["mixed", "scaled"])
+def test_export_with_dynamic_image_size(pos):
+    """Batch, height and width stay symbolic with the in-graph rotaries (axial, mixed, scaled: cat-tiny's) or no
+    positions. ('cat' and 'ape' pin the grid size for now: torch.linspace in rope2d.cat_coords and
+    AbsolutePosition's size check.) form='auto' keeps the cross-axis product order of the export shape, checked
+    at run time: valid up to a grid of LINEAR_ABOVE * head dim (22 here), so the Dims stop at 16."""
     torch.manual_seed(0)
-    model = CAT(small(pos="mixed", pool="cls")).eval()
+    model = CAT(small(pos=pos, pool="cls")).eval()
     rows, cols = Dim("rows", min=2, max=16), Dim("cols", min=2, max=16)    # grid sizes; images are 8x that
     shapes = {"images": {0: Dim("batch", min=1, max=8), 2: 8 * rows, 3: 8 * cols}}
     program = torch.export.export(model, (torch.randn(2, 3, 32, 40),), dynamic_shapes=shapes)
