@@ -189,8 +189,10 @@ def cell(values, digits=1):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)})"
 
 
-def machine_tag(machine):
-    """'Intel(R) Xeon(R) Processor (AMX), 2 threads' -> 'Xeon': the word a table cell or a legend can carry."""
+def machine_tag(run):
+    """A run's machine in the word a table cell or a legend can carry: 'Intel(R) Xeon(R) Processor (AMX),
+    2 threads' -> 'Xeon'."""
+    machine = run.get("machine", "not recorded")
     return " ".join(re.sub(r"\(R\)|\(.*?\)|Intel|AMD|Processor|,.*", "", machine).split()) or machine
 
 
@@ -199,7 +201,7 @@ def by_machine(runs, value, digits=1):
     times from different CPUs are never averaged together."""
     groups = {}
     for run in runs:
-        groups.setdefault(machine_tag(run.get("machine", "not recorded")), []).append(value(run))
+        groups.setdefault(machine_tag(run), []).append(value(run))
     ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
     return "; ".join(f"{cell(values, digits)} {machine}" for machine, values in ordered) or "-"
 
@@ -298,13 +300,13 @@ def plot(results, path):
         print("matplotlib is not installed: no plot")
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    machines = [machine_tag(r.get("machine", "not recorded")) for r in results.values()]
+    machines = [machine_tag(r) for r in results.values()]
     main = max(set(machines), key=machines.count)       # solid lines; other machines dashed and named
     for i, label in enumerate([*FAMILIES, "vit-tiny-time"]):
         shown = set()
         for name in seeds_of(results, label):
             minutes, _, top = zip(*results[name]["curve"])
-            machine = machine_tag(results[name].get("machine", "not recorded"))
+            machine = machine_tag(results[name])
             key = label if machine == main else f"{label} ({machine})"
             left.plot([m / 60 for m in minutes], top, "-" if machine == main else "--", color=f"C{i}", alpha=0.8,
                       label=None if key in shown else key)
