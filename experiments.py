@@ -106,7 +106,7 @@ def equal_time_plan(seeds, results):
     """ViT given CAT's training time instead of its epochs: as many steps as it makes in the seconds cat-tiny
     took for 20 epochs, on the same cosine schedule (compressed to those steps). Known once both have run. The
     two speeds must come from one machine (sessions here get different CPUs): the seed's own pair when its two
-    runs trained on the same machine, else the first seed's pair that did."""
+    runs trained on the same machine (one CPU and, where recorded, one boot), else the first seed's pair that did."""
     def pair(seed):
         return results.get(f"cat-tiny-s{seed}"), results.get(f"vit-tiny-s{seed}")
     timed = [p for p in map(pair, seeds) if all(p) and p[0].get("machine") == p[1].get("machine")]
@@ -130,6 +130,13 @@ def load_results(path):
         return json.load(f)
 
 
+def trained_on(start):
+    """Where a run trained, from its start record: the CPU (or GPU) and, where recorded, the boot, since one CPU
+    model has run at different speeds in different sessions. 'AMD EPYC (AVX512-BF16), 2 threads, boot f1b82f8a'."""
+    boot = start.get("boot_id")
+    return start.get("device_name", "not recorded") + (f", boot {boot[:8]}" if boot else "")
+
+
 def summary(name, flags, res):
     """A finished run's figures from its folder (flags, time, speed, FLOPs, the validation curve and the
     evaluation), or None if it has not been evaluated at every resolution in `res`."""
@@ -145,7 +152,7 @@ def summary(name, flags, res):
     starts = [r for r in records if r.get("event") == "start"]
     last = records[-1]
     images = last["step"] * BATCH
-    machines = dict.fromkeys(r.get("device_name", "not recorded") for r in starts)     # more if it moved
+    machines = dict.fromkeys(trained_on(r) for r in starts)    # more if it moved
     return {"flags": flags, "machine": " then ".join(machines),
             "params": starts[0]["params"], "flops_per_image": starts[0]["flops_per_image"],
             "train_seconds": last["train_seconds"], "train_images_per_s": images / last["train_seconds"],
@@ -191,9 +198,11 @@ def cell(values, digits=1):
 
 def machine_tag(run):
     """A run's machine in the word a table cell or a legend can carry: 'Intel(R) Xeon(R) Processor (AMX),
-    2 threads' -> 'Xeon'."""
+    2 threads' -> 'Xeon'; with its boot, 'EPYC f1b8'."""
     machine = run.get("machine", "not recorded")
-    return " ".join(re.sub(r"\(R\)|\(.*?\)|Intel|AMD|Processor|,.*", "", machine).split()) or machine
+    cpu = " ".join(re.sub(r"\(R\)|\(.*?\)|Intel|AMD|Processor|,.*", "", machine).split()) or machine
+    boot = re.search(r", boot (\w{4})", machine)               # one session's machine: 'EPYC f1b8'
+    return f"{cpu} {boot[1]}" if boot else cpu
 
 
 def by_machine(runs, value, digits=1):

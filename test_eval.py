@@ -278,4 +278,28 @@ def test_a_run_records_the_machine_it_trained_on(tmp_path, monkeypatch):
     assert start["device_name"] == train.device_name(torch.device("cpu"))
     assert start["device_name"].endswith(f", {torch.get_num_threads()} threads")
     (out / "eval.json").write_text(json.dumps({"rows": [{"res": 16, "top1": 50.0, "top5": 100.0, "loss": 1.0}]}))
-    assert experiments.summary("run", [], [16])["machine"] == start["device_name"]
+    assert start["boot_id"] == train.boot_id() and len(train.boot_id()) == 36       # Linux: this boot's uuid
+    assert experiments.summary("run", [], [16])["machine"] == f"{start['device_name']}, boot {start['boot_id'][:8]}"
+
+
+def test_two_sessions_with_one_cpu_name_are_two_machines(tmp_path, monkeypatch):
+    """cat-tiny's seed 2 trained on an EPYC, ViT's in a later session on a slower EPYC of the same name: the
+    equal-time budget must not mix their speeds (about 600 steps where seed 0's pair gives 1,101), so it falls
+    back to seed 0's pair, and the report tags each session's speed apart."""
+    monkeypatch.setattr(experiments, "OUT", str(tmp_path))
+    epyc = "AMD EPYC (AVX512-BF16), 2 threads"
+    for name, per_s, boot in [("cat-tiny-s2", 132, "f1b82f8a-0"), ("vit-tiny-s2", 27, "0c0ffee0-1")]:
+        (tmp_path / name).mkdir()
+        records = [{"event": "start", "device_name": epyc, "boot_id": boot, "params": 1, "flops_per_image": 1},
+                   {"step": 2940, "train_seconds": 2940 * 64 / per_s}]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
+        (tmp_path / name / "eval.json").write_text(json.dumps({"rows": [{"res": 128, "top1": 70.0, "top5": 99.0,
+                                                                         "loss": 1.0}]}))
+    results = {name: experiments.summary(name, [], [128]) for name in ("cat-tiny-s2", "vit-tiny-s2")}
+    assert [experiments.machine_tag(r) for r in results.values()] == ["EPYC f1b8", "EPYC 0c0f"]
+    assert experiments.equal_time_plan([2], results) == {}                  # no pair from one machine yet
+    xeon = {"machine": "Intel(R) Xeon(R) Processor (AMX), 2 threads"}
+    results |= {"cat-tiny-s0": {"train_seconds": 1463.0, "train_images_per_s": 128.6, **xeon},
+                "vit-tiny-s0": {"train_seconds": 3908.0, "train_images_per_s": 48.15, **xeon}}
+    flags, _ = experiments.equal_time_plan([0, 2], results)["vit-tiny-time-s2"]
+    assert train.parse_args(flags)[0].max_steps == round(1463.0 * 48.15 / 64)  # seed 0's pair, not 600

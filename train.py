@@ -271,6 +271,16 @@ def device_name(device):
     return f"{model} ({cpu_bf16_units() or 'no bf16 units'}), {torch.get_num_threads()} threads"
 
 
+def boot_id():
+    """This boot of this machine (Linux; None elsewhere). Sessions here get CPUs that share a model name but not a
+    speed (two EPYC sessions ran cat-tiny at 70 and 132 img/s), so a speed compares only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def all_sum(values, device):
     """Sum a list of floats over all processes."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -763,7 +773,7 @@ def train(args, parser):
         f"{world} process(es) on {device.type}, {total_steps} steps of {args.batch_size * args.accum * world} images")
     if is_main:
         log({"event": "start", "step": step, "resumed_from": resumed_from, "args": vars(args),
-             "config": asdict(config), "world_size": world, "device_name": device_name(device),
+             "config": asdict(config), "world_size": world, "device_name": device_name(device), "boot_id": boot_id(),
              "amp": use_amp, "compile": use_compile,
              "params": raw_model.num_params(), "flops_per_image": flops_per_image})
 
