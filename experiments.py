@@ -25,7 +25,9 @@ import subprocess
 import sys
 import time
 
-from train import positive_int
+import torch
+
+import train
 
 OUT = os.path.join("runs", "imagenette")
 DATA = os.path.join("..", "shared", "data", "imagenette-160")
@@ -162,6 +164,10 @@ def summary(name, flags, res):
 
 def run(name, flags, res):
     """Train (resuming if the folder has a checkpoint) and evaluate at `res` ([]: the training resolution)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not train.bf16_is_fast(device):      # the recipe is bf16: emulated, one run would take days
+        sys.exit(f"{name}: the sweep trains in bf16 autocast (RECIPE), which {train.device_name(device)} has no "
+                 f"units for ({train.EMULATED_BF16}). Run it on a CPU with AMX or AVX512-BF16, or a GPU with bf16.")
     out = os.path.join(OUT, name)
     training = [sys.executable, "train.py", *flags, "--out-dir", out, "--resume", "auto"]
     evaluation = [sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"),
@@ -282,7 +288,6 @@ def time_ratio(results):
 def angle_spreads():
     """Table: per head, the widest angle range a rotation pair sweeps across the training grid (rope2d.angle_spread),
     for cat-tiny's rotaries at 80 px (mixed and scaled at their initialisation, seed 0) and for cat-paper's `cat`."""
-    import torch
     import rope2d
     from model import PRESETS
     grid = ROTARY_RES // PRESETS["cat-tiny"].patch

@@ -246,6 +246,21 @@ def test_report_never_averages_speeds_from_different_machines():
     assert "| 133 ± 4 (2) Xeon; 70 EPYC | 23.7 ± 0.8 (2) Xeon; 45.0 EPYC |" in row
 
 
+def test_the_sweep_refuses_a_machine_that_would_emulate_its_bf16(monkeypatch):
+    """The recipe trains in bf16: on an AVX2-only CPU one run would take days (65 s a vit-tiny step). The sweep
+    says so before it starts any, and runs on a machine with bf16 units."""
+    launched = []
+    monkeypatch.setattr(experiments.subprocess, "run", lambda command, **kwargs: launched.append(command[1]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "cpu_bf16_units", lambda: None)
+    with pytest.raises(SystemExit, match="vit-tiny-e10-s1: the sweep trains in bf16 autocast"):
+        experiments.run("vit-tiny-e10-s1", [], [128])
+    assert launched == []
+    monkeypatch.setattr(train, "cpu_bf16_units", lambda: "AVX512-BF16")
+    experiments.run("vit-tiny-e10-s1", [], [128])
+    assert launched == ["train.py", "eval.py"]
+
+
 def test_the_sweep_keeps_edits_made_to_the_results_file_while_a_run_trains(tmp_path, monkeypatch):
     """A run takes up to an hour: a correction written to the results file meanwhile must survive its save."""
     path = tmp_path / "results.json"
