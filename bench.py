@@ -337,16 +337,18 @@ def crossover(widths, head_dim, heads, device, iters, warmup):
 def main(argv=None):
     args = parse_args(argv)
     fp32_means_fp32()                              # what train.py runs: TF32 off, bf16 autocast for speed
-    where = device_name(torch.device(args.device))
+    device = torch.device(args.device)
+    where = device_name(device)
     if args.device == "cpu" and not args.os_allocator:
         where += ", freed memory kept" if keep_freed_memory() else ""
     print(f"bench on {where}, batch {args.batch_size}, median of >= {args.iters} timed round(s) (and >= "
           f"{args.min_seconds:g} s) after {args.warmup}, amp={args.amp}, compile={args.compile}, "
           f"torch {torch.__version__}")
     seconds = 0.2 if args.smoke else 2.0
-    rates = {name: matmul_rate(torch.device(args.device), dtype, seconds)
-             for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    rates["bf16 weight gradient"] = matmul_rate(torch.device(args.device), torch.bfloat16, seconds, True)
+    rates = {"fp32": matmul_rate(device, torch.float32, seconds)}
+    if args.amp or bf16_is_fast(device):        # emulated bf16 (AVX2 CPUs): ~20 s a matmul, and nothing runs in it
+        rates = {"bf16": matmul_rate(device, torch.bfloat16, seconds), **rates,
+                 "bf16 weight gradient": matmul_rate(device, torch.bfloat16, seconds, True)}
     print("matmul (3136 x 1024) @ (1024 x 3072): " + ", ".join(f"{name} {rate / 1e12:.2f} TFLOP/s"
                                                             for name, rate in rates.items()))
     print(HEADER)
@@ -366,7 +368,7 @@ def main(argv=None):
           ", ".join(f"{name} {e:.2f}" for name, e in sorted(result["exponents"].items()) if e is not None))
     if args.crossover_widths:
         base = PRESETS[fast] if PRESETS[fast].attn == "cross_axis" else PRESETS["cat-paper"]
-        result["crossover"] = crossover(args.crossover_widths, base.head_dim, base.heads, torch.device(args.device),
+        result["crossover"] = crossover(args.crossover_widths, base.head_dim, base.heads, device,
                                         max(args.iters, 3), 1)
         print(f"\ncross-axis forms, fwd+bwd ms on a W x W grid, {base.heads} heads of dim {base.head_dim}:")
         for r in result["crossover"]:

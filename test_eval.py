@@ -150,6 +150,9 @@ def test_bench_smoke(tmp_path, tf32_on):
     assert set(result["exponents"]) == models
     assert {r["width"] for r in result["crossover"]} == {4, 8, 16}
     assert json.loads((tmp_path / "bench.json").read_text())["rows"]
+    # bf16 matmuls are timed where bf16 runs (the default --amp): an AVX2 CPU would emulate them, ~20 s each
+    bf16 = {"bf16", "bf16 weight gradient"} if result["args"]["amp"] else set()
+    assert set(result["matmul_flops_per_s"]) == {"fp32", *bf16}
 
 
 def test_flop_kernels_are_recorded_in_their_layouts_and_replayed_alone(monkeypatch):
