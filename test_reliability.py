@@ -2,6 +2,7 @@
 two torchrun "nodes" on localhost, resuming on another number of processes, --keep-last, best.pt, and the fallback
 from a corrupt latest checkpoint. The torchrun runs share one uninterrupted 2-process reference run."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -125,7 +126,9 @@ def test_sigkilled_worker_restarts_and_ends_with_the_uninterrupted_weights(tmp_p
                     launcher=("--standalone", "--max-restarts=1"),
                     env={"KILL_AT": "7", "KILL_RANK": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     output = finish(proc)
-    assert "pytorch#135712" not in output and "exitcode: -9" in output
+    # torchrun logs the failure it saw first: rank 1's SIGKILL (-9), or rank 0's exit (1) when gloo's broken
+    # connection ended it before the agent's next poll (once in 17 runs here, 2026-12-03)
+    assert "pytorch#135712" not in output and re.search(r"failed \(exitcode: (-9|1)\)", output), output[-3000:]
     starts = [r for r in records(tmp_path) if r.get("event") == "start"]
     assert [(r["step"], r["resumed_from"]) for r in starts] == [(0, None), (4, str(tmp_path / "ckpt.pt"))], output
     redone = {step: (loss, lr) for step, loss, lr in step_losses(tmp_path)}   # steps 5, 6 twice: the last counts
