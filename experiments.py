@@ -14,7 +14,8 @@ seed before any table gets its second.
 
 Every model gets one recipe, not tuned for any of them (RECIPE): AdamW, peak lr 1e-3 with 5% warmup and cosine
 decay, weight decay 0.05 on matrices and kernels, label smoothing 0.1, random-resized crops (scale 0.35-1) and
-flips, batch 64, bf16 autocast and torch.compile, one process; `none` of the heavier augmentations.
+flips, batch 64, bf16 autocast and torch.compile, one process; `none` of the heavier augmentations. So a run
+needs bf16 matmul units (AMX or AVX512-BF16, or a GPU): on a CPU that would emulate bf16 the sweep refuses to start.
 """
 import argparse
 import json
