@@ -636,8 +636,9 @@ def train(args, parser):
     say = print if is_main else (lambda *a, **k: None)
     warn = (lambda text: print(text, file=sys.stderr)) if is_main else (lambda text: None)
     cuda = device.type == "cuda"
-    use_amp = bf16_is_fast(device) if args.amp is None else args.amp
-    if use_amp and not bf16_is_fast(device):
+    fast_bf16 = bf16_is_fast(device)
+    use_amp = fast_bf16 if args.amp is None else args.amp
+    if use_amp and not fast_bf16:
         warn(f"warning: --amp on {device_name(device)}: bf16 autocast runs emulated here, far slower than fp32 "
              f"(--no-amp); {EMULATED_BF16}")
     use_compile = cuda if args.compile is None else args.compile
