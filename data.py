@@ -284,7 +284,7 @@ class FolderDataset(SeededDataset):
     """ROOT/SPLIT/CLASS/* via ImageFolder's file scan (names only, no decoding); images are opened lazily."""
 
     def __init__(self, root, split, transform, seed=0, strict_images=False, omit_unreadable=False):
-        split_dir = check_image_folder(root)[split]
+        split_dir = check_image_folder(root, split)
         folder = datasets.ImageFolder(split_dir, allow_empty=True)
         counts = np.bincount(folder.targets, minlength=len(folder.classes))
         empty = [name for name, count in zip(folder.classes, counts) if count == 0]
@@ -301,31 +301,55 @@ class FolderDataset(SeededDataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
-                return image.convert("RGB"), label  # convert decodes fully (truncation shows here) and greys -> RGB
+                return to_rgb(image), label     # decodes fully (truncation shows here); greys and 16-bit -> RGB
         except Exception as err:  # PIL raises many types for bad files (OSError, ValueError, SyntaxError, ...)
             raise UnreadableImage(path, f"{type(err).__name__}: {err}") from None
 
 
-def check_image_folder(root):
-    """Check the ImageNet layout ROOT/{train,val}/CLASS/* by folder names only; -> {split: split folder}."""
+def to_rgb(image):
+    """A PIL image of any mode -> 8-bit RGB, scaling the wide single-channel modes instead of clipping them (PIL's
+    convert("RGB") clips them at 255, so a mid-grey 16-bit PNG would come out white):
+      I;16 (and I;16B / I;16L / I;16N)  0..65535 -> 0..255, as 16-bit PNG and TIFF greys open
+      I (32-bit int)   taken as 16-bit, 0..65535, when its values fit (older Pillows open 16-bit PNGs as I);
+                       else as 0..2^31 - 1; negative values clip to 0
+      F (32-bit float) [0, 1] when no value exceeds 1, else 0..255 when none exceeds 255, else 0..65535;
+                       negative values clip to 0 (NaN -> 0)
+    Every other mode goes through convert("RGB") (palette, LA, RGBA, CMYK, ...)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        if image.mode == "F":
+            values = np.nan_to_num(values, nan=0.0)
+            peak = values.max(initial=0.0)
+            top = 1.0 if peak <= 1 else 255.0 if peak <= 255 else 65535.0
+        else:
+            top = 65535.0 if image.mode != "I" or values.max(initial=0) <= 65535 else 2.0**31 - 1
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")          # uint8 (H, W): mode L
+    return image.convert("RGB")
+
+
+def check_image_folder(root, split):
+    """Check the ImageNet layout ROOT/{train,val}/CLASS/* by folder names only; -> the split's folder. Only the
+    split asked for must exist (eval.py needs no train folder); where both do, their class names must agree."""
     root = Path(root)
     layout = f"imagefolder expects {root}/train/CLASS/* and {root}/val/CLASS/*"
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist: {layout}")
     class_names = {}
-    for split in SPLITS:
-        split_dir = root / split
-        if not split_dir.is_dir():
+    for name in SPLITS:
+        split_dir = root / name
+        if split_dir.is_dir():
+            class_names[name] = {entry.name for entry in os.scandir(split_dir) if entry.is_dir()}
+        if name == split and not split_dir.is_dir():
             raise FileNotFoundError(f"{split_dir} is missing: {layout}")
-        class_names[split] = {entry.name for entry in os.scandir(split_dir) if entry.is_dir()}
-        if not class_names[split]:
+        if name == split and not class_names[name]:
             raise FileNotFoundError(f"{split_dir} has no class folders: {layout}")
-    only_train = sorted(class_names["train"] - class_names["val"])
-    only_val = sorted(class_names["val"] - class_names["train"])
-    if only_train or only_val:
+    if all(class_names.get(name) for name in SPLITS) and class_names["train"] != class_names["val"]:
+        only_train = sorted(class_names["train"] - class_names["val"])
+        only_val = sorted(class_names["val"] - class_names["train"])
         raise ValueError(f"train and val classes differ under {root}: only in train: {_short(only_train)}; "
                          f"only in val: {_short(only_val)}")
-    return {split: root / split for split in SPLITS}
+    return root / split
 
 
 def _short(names, most=10):

@@ -4,29 +4,36 @@
     python eval.py --res 64 96 128 --json res.json   # multi-resolution, as in the RoPE-ViT paper's table
     torchrun --nproc_per_node=2 eval.py --ckpt runs/cat-paper-imagefolder/ckpt.pt --res 224 384
 
-The data and the model come from the checkpoint unless flags override them. Positional schemes at a new
-resolution (SPEC 3): `ape` is resized bicubically, `axial` and `mixed` extrapolate to positions beyond the
-training grid, `cat` and `scaled` interpolate (the same [-pi, pi] range at every size).
+The data and the model come from the checkpoint unless flags override them; the val folder's classes are matched
+with the checkpoint's by name. Positional schemes at a new resolution: `ape` is resized bicubically, `axial` and
+`mixed` extrapolate to positions beyond the training grid, `cat` and `scaled` interpolate (the same [-pi, pi] range
+at every size).
 """
 import argparse
 import json
 import os
+import sys
+import time
 from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 import data
+from checkpoint import CheckpointError, class_map, load_checkpoint, model_from_checkpoint
 from model import PRESETS, config_from_dict, count_flops
-from train import (CheckpointError, add_model_flags, bf16_is_fast, default_workers, eval_loader, evaluate,
-                   fp32_means_fp32, keep_freed_memory, load_checkpoint, model_from_checkpoint, model_overrides,
-                   non_negative_int, positive_int, setup_distributed)
+from runtime import (ArgumentParser, add_model_flags, all_sum, autocast, default_workers, in_flag_terms,
+                     model_overrides, non_negative_int, positive_int, setup_device, use_bf16,
+                     workers_leave_signals_to_the_trainer)
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "cat-tiny-shapes", "ckpt.pt")   # where the default run writes
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="eval.py", description=__doc__)
     parser.add_argument("--ckpt", default=DEFAULT_CHECKPOINT, help=f"checkpoint (default: {DEFAULT_CHECKPOINT})")
     parser.add_argument("--res", type=positive_int, nargs="+", default=None,
                         help="resolutions to evaluate at (default: the training resolution)")
@@ -41,7 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on with CUDA and on CPUs with AMX or AVX512-BF16)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    add_model_flags(parser)                      # e.g. --form linear; anything that changes weights fails clearly
+    add_model_flags(parser, "another preset for the checkpoint's weights (default: the checkpoint's own model)",
+                    "model options (default: the checkpoint's; e.g. --form linear; one that changes the weights "
+                    "fails)")
     parser.set_defaults(model=None)
     return parser.parse_args(argv), parser
 
@@ -58,7 +67,7 @@ def build(args, parser):
             state = {**state, "config": asdict(replace(config, **overrides))}
         model = model_from_checkpoint(state, args.ckpt, use_ema=args.ema)
     except (CheckpointError, ValueError) as error:
-        parser.error(str(error))
+        parser.error(in_flag_terms(str(error)))
     return model, model.config, state
 
 
@@ -76,12 +85,8 @@ def main(argv=None):
     name = args.data or trained.get("data", "shapes")
     root = args.data_dir or trained.get("data_dir", "data")
 
-    rank, world, device = setup_distributed()
-    fp32_means_fp32()
-    cuda = device.type == "cuda"
-    if not cuda:
-        keep_freed_memory()
-    amp = bf16_is_fast(device) if args.amp is None else args.amp
+    rank, world, device = setup_device()
+    amp = use_bf16(args.amp, device, lambda text: print(text, file=sys.stderr) if rank == 0 else None)
     workers = default_workers(device) if args.workers is None else args.workers
     model.to(device)
     rows = []
@@ -92,10 +97,9 @@ def main(argv=None):
                                              seed=trained.get("seed", 0))
             except (ValueError, FileNotFoundError, NotADirectoryError) as error:
                 parser.error(str(error))
-            if len(dataset.classes) != config.num_classes:
-                parser.error(f"{name} has {len(dataset.classes)} classes, the checkpoint's model {config.num_classes}")
+            label_map = check_classes(state, dataset, f"{root}/val" if name == "imagefolder" else name, parser)
             loader = eval_loader(dataset, args.batch_size, device, workers, rank, world)
-            metrics = evaluate(model, loader, device, amp, world, progress=rank == 0)
+            metrics = evaluate(model, loader, device, amp, world, progress=rank == 0, label_map=label_map)
             rows.append({"res": res, **metrics, "gflops": count_flops(config, res) / 1e9,
                          "params_m": model.num_params() / 1e6})
     finally:
@@ -110,6 +114,64 @@ def main(argv=None):
                 json.dump({"ckpt": args.ckpt, "data": name, "weights": weights, "config": asdict(config),
                            "rows": rows}, f, indent=2)
     return rows
+
+
+def check_classes(state, dataset, where, parser):
+    """class_map of the checkpoint's classes and the data's; says when it maps by name, refuses other classes."""
+    trained = state.get("classes")
+    if trained is None:                                      # written without names: the count must do
+        if len(dataset.classes) != state["config"]["num_classes"]:
+            parser.error(f"{where} has {len(dataset.classes)} classes, the checkpoint's model "
+                         f"{state['config']['num_classes']}")
+        return None
+    try:
+        label_map = class_map(trained, dataset.classes, where)
+    except ValueError as error:
+        parser.error(f"{error}: not the classes {state.get('args', {}).get('data_dir', 'the checkpoint')} trained on")
+    if label_map is not None and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: the {len(dataset.classes)} classes of {where} are matched to the checkpoint's {len(trained)} "
+              f"by name (they come in another order, or are a subset)")
+    return label_map
+
+
+def eval_loader(dataset, batch_size, device, workers=0, rank=0, world=1):
+    """Every world-th image of `dataset` for this process, in order; workers persist between evaluations."""
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                      worker_init_fn=workers_leave_signals_to_the_trainer, persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp, world=1, progress=False, label_map=None):
+    """top-1, top-5 (percent), mean loss, images/s over an eval_loader's images, summed over the processes.
+    Unreadable files (label -1, see data.py) are left out of every figure and counted in `left_out`.
+    label_map: the model's label for each of the data's (class_map), when the two number the classes differently."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = count = left_out = 0.0
+    start = time.perf_counter()
+    for images, labels, _ in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images).float()
+        readable = labels >= 0
+        logits, labels = logits[readable], labels[readable]
+        if label_map is not None:
+            labels = label_map.to(labels.device)[labels]
+        left_out += len(readable) - len(labels)
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(1).sum().item()
+        count += len(labels)
+    seconds = time.perf_counter() - start
+    correct1, correct5, loss_sum, count, left_out, seconds = all_sum(
+        [correct1, correct5, loss_sum, count, left_out, seconds], device)
+    model.train(was_training)
+    if count == 0:
+        raise data.DataError(f"no readable images to evaluate: all {int(left_out)} files failed to load")
+    return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count,
+            "images_per_s": (count + left_out) / (seconds / world), "images": int(count), "left_out": int(left_out)}
 
 
 def format_table(rows):

@@ -159,7 +159,7 @@ def test_imagefolder_all_bad_is_a_clear_error(tmp_path):
 
 def test_evaluation_set_leaves_bad_files_out_instead_of_replacing_them(tmp_path):
     """A validation set must not change: an unreadable file is a blank image labelled -1 (left out and counted
-    by train.evaluate), never a duplicate of the next file."""
+    by eval.evaluate), never a duplicate of the next file."""
     root = make_folder(tmp_path / "root")
     add_bad_files(root / "val" / "cat")
     ds = data.build_dataset("imagefolder", root, "val", 32)
@@ -176,11 +176,12 @@ def test_imagefolder_errors(tmp_path):
 
     (tmp_path / "a" / "train" / "cat").mkdir(parents=True)
     write_image(tmp_path / "a" / "train" / "cat" / "good.png")
+    assert len(data.build_dataset("imagefolder", tmp_path / "a", "train", 32)) == 1   # only the split asked for
     with pytest.raises(FileNotFoundError, match=r"val is missing: imagefolder expects .*/train/CLASS/\*"):
-        data.build_dataset("imagefolder", tmp_path / "a", "train", 32)
+        data.build_dataset("imagefolder", tmp_path / "a", "val", 32)
     (tmp_path / "a" / "val").mkdir()
     with pytest.raises(FileNotFoundError, match="val has no class folders"):
-        data.build_dataset("imagefolder", tmp_path / "a", "train", 32)
+        data.build_dataset("imagefolder", tmp_path / "a", "val", 32)
 
     root = make_folder(tmp_path / "b", classes=("cat", "dog"), val_classes=("cat", "emu"))
     with pytest.raises(ValueError, match="only in train: dog; only in val: emu"):
@@ -192,6 +193,32 @@ def test_imagefolder_errors(tmp_path):
     (root / "train" / "dog" / "notes.txt").write_text("no images here")
     with pytest.raises(FileNotFoundError, match="dog has no image files"):
         data.build_dataset("imagefolder", root, "train", 32)
+
+
+def test_16_bit_greys_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG opens as mode I;16 (older Pillows: I), which convert("RGB") clips: mid-grey came out
+    white. It is scaled to 8 bits instead, as are 32-bit int and float images (data.to_rgb)."""
+    root = make_folder(tmp_path / "root")
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(root / "val" / "cat" / "grey16.png")
+    gradient = np.tile(np.linspace(0, 65535, 40).round().astype(np.uint16), (24, 1))    # 0 .. 65535 across
+    Image.fromarray(gradient).save(root / "val" / "dog" / "ramp16.png")
+    assert Image.open(root / "val" / "cat" / "grey16.png").mode.startswith("I")
+    ds = data.build_dataset("imagefolder", root, "val", 32)
+    paths = [Path(path).name for path, _ in ds.samples]
+    image, label, _ = ds[paths.index("grey16.png")]
+    np.testing.assert_allclose(unnormalise(image), 128 / 255, atol=1e-3)            # not 1.0 (white)
+    ramp = np.asarray(ds.load(paths.index("ramp16.png"))[0])
+    assert ramp.shape == (24, 40, 3) and (ramp == ramp[..., :1]).all()             # grey in 3 channels
+    np.testing.assert_array_equal(ramp[0, :, 0], np.rint(gradient[0] / 257))        # 0 .. 255, every step
+    assert ramp.mean() == pytest.approx(127.5, abs=1)
+    # The 32-bit modes: I in the 16-bit range (as older Pillows open 16-bit PNGs), F in [0, 1] or 0..255
+    for values, expected in [(np.full((4, 4), 32768, np.int32), 128), (np.full((4, 4), 0.5, np.float32), 128),
+                             (np.full((4, 4), 100.0, np.float32), 100), (np.full((4, 4), 2**30, np.int32), 128)]:
+        rgb = data.to_rgb(Image.fromarray(values))
+        assert rgb.mode == "RGB" and (np.asarray(rgb) == expected).all(), (values.dtype, values[0, 0])
+    # 8-bit images are untouched
+    eight = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    np.testing.assert_array_equal(np.asarray(data.to_rgb(eight)), np.asarray(eight.convert("RGB")))
 
 
 @pytest.mark.skipif(not TINY_IMAGENET.is_dir(), reason="shared tiny-imagenet-20 not present")

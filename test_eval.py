@@ -12,6 +12,8 @@ import bench
 import eval as evaluate_script
 import experiments
 import train
+import runtime
+from checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
 REPO = Path(__file__).parent
 
@@ -27,7 +29,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def tf32_on():
-    """TF32 switched on, as bench.py used to do; train.fp32_means_fp32 must switch it off again."""
+    """TF32 switched on, as bench.py used to do; runtime.fp32_means_fp32 must switch it off again."""
     torch.backends.cuda.matmul.allow_tf32 = True
     yield
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -42,7 +44,7 @@ def test_eval_at_two_resolutions(checkpoint, tmp_path, capsys, tf32_on):
         assert r["images_per_s"] > 0 and r["params_m"] > 0
     assert rows[1]["gflops"] > rows[0]["gflops"]
     # the training run's own final evaluation (EMA weights, 32 px) is what eval.py reports at 32 px
-    state = train.load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
     assert rows[0]["top1"] == pytest.approx(state["metrics"]["ema_val_top1"])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["weights"] == "EMA" and [r["res"] for r in saved["rows"]] == [32, 48]
@@ -52,7 +54,7 @@ def test_eval_at_two_resolutions(checkpoint, tmp_path, capsys, tf32_on):
 
 def test_eval_model_weights_and_form_override(checkpoint):
     raw = evaluate_script.main(["--ckpt", checkpoint, "--no-ema", "--workers", "0"])[0]
-    state = train.load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
     assert raw["top1"] == pytest.approx(state["metrics"]["val_top1"])
     # The two product orders agree to fp32 rounding, so compare them in fp32: in bf16 they differ by bf16's
     # rounding, which flips a few of the 2000 predictions on some CPUs (AVX512-BF16 rounds unlike AMX).
@@ -93,7 +95,7 @@ def test_eval_refuses_a_malicious_checkpoint_without_running_it(tmp_path, capsys
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    torch.save({"format": train.CHECKPOINT_FORMAT, "config": {}, "model": RunsCode()}, path)
+    torch.save({"format": CHECKPOINT_FORMAT, "config": {}, "model": RunsCode()}, path)
     with pytest.raises(SystemExit):
         evaluate_script.main(["--ckpt", str(path)])
     assert not marker.exists()
@@ -137,7 +139,7 @@ def test_unreadable_val_images_are_left_out_and_counted(tmp_path, capsys):
 
 
 def test_bench_smoke(tmp_path, tf32_on):
-    # one precision policy everywhere (train.fp32_means_fp32): the benchmark used to turn TF32 on
+    # one precision policy everywhere (runtime.fp32_means_fp32): the benchmark used to turn TF32 on
     result = bench.main(["--smoke", "--kernel-ceiling", "--json", str(tmp_path / "bench.json")])
     assert not torch.backends.cuda.matmul.allow_tf32
     models = {r["model"] for r in result["rows"]}
@@ -188,15 +190,16 @@ def test_bench_refuses_bad_sizes(args, message, capsys):
 def test_every_experiment_is_a_valid_train_command():
     """The sweep takes hours: a typo in one of its runs must fail here, not in the middle of it."""
     plan = experiments.plan(seeds=[0, 1, 2])
-    # 8 families + 2 x 2 more headline seeds, 2 seeds x (5 rotaries + 5 shapes + ViT and 6 Table 4 rows at 10 epochs)
-    assert len(plan) == 8 + 4 + 2 * (5 + 5 + 7)
+    # 10 families + 3 x 2 more headline seeds, 2 seeds x (5 rotaries + 5 shapes + 5 ViT rotaries + ViT and 6
+    # Table 4 rows at 10 epochs)
+    assert len(plan) == 10 + 6 + 2 * (5 + 5 + 5 + 7)
     assert list(plan)[:3] == ["cat-tiny-s0", "vit-tiny-s0", "resnet18-s0"]       # the headline first
-    assert list(plan)[-2:] == ["cat-tiny-s2", "vit-tiny-s2"]                     # third seeds last
+    assert list(plan)[-3:] == ["cat-tiny-s2", "vit-tiny-s2", "cat-tiny-scaled-s2"]   # third seeds last
     for name, (flags, res) in plan.items():
         args, _ = train.parse_args([*flags, "--out-dir", f"out/{name}"])
         assert args.data == ("shapes" if name.startswith("shapes") else "imagefolder")
         assert args.seed == int(name[-1])
-        if name.startswith("rotary"):
+        if name.startswith(("rotary", "vit-rotary")):
             assert (args.res, res, args.epochs) == (80, [80, 120, 160], 20)
         elif args.data == "imagefolder":
             assert args.res == 128 and args.epochs == (10 if "-e10-" in name else 20)
@@ -205,6 +208,9 @@ def test_every_experiment_is_a_valid_train_command():
     assert train.parse_args(plan["cat-xy-mask-e10-s1"][0])[0].xy_mask
     assert train.parse_args(plan["rotary-scaled-s0"][0])[0].pos == "scaled"
     assert train.parse_args(plan["resnet18-s0"][0])[0].model == "resnet18"
+    vit_mixed = train.parse_args(plan["vit-rotary-ape+mixed-s1"][0])[0]
+    assert (vit_mixed.model, vit_mixed.pos) == ("vit-tiny", "ape+mixed")
+    assert [train.parse_args(plan[f"{m}-conv-stem-s0"][0])[0].stem for m in ("cat-tiny", "vit-tiny")] == ["conv"] * 2
     assert [train.parse_args(plan[n][0])[0].pos for n in ("cat-tiny-s2", "cat-tiny-scaled-s0")] == ["cat", "scaled"]
     cat = {"train_seconds": 600.0, "train_images_per_s": 150.0}
     vit = {"train_seconds": 1500.0, "train_images_per_s": 64.0}
@@ -255,11 +261,11 @@ def test_the_sweep_refuses_a_machine_that_would_emulate_its_bf16(monkeypatch):
     launched = []
     monkeypatch.setattr(experiments.subprocess, "run", lambda command, **kwargs: launched.append(command[1]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train, "cpu_bf16_units", lambda: None)
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: None)
     with pytest.raises(SystemExit, match="vit-tiny-e10-s1: the sweep trains in bf16 autocast"):
         experiments.run("vit-tiny-e10-s1", [], [128])
     assert launched == []
-    monkeypatch.setattr(train, "cpu_bf16_units", lambda: "AVX512-BF16")
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: "AVX512-BF16")
     experiments.run("vit-tiny-e10-s1", [], [128])
     assert launched == ["train.py", "eval.py"]
 
@@ -293,10 +299,10 @@ def test_a_run_records_the_machine_it_trained_on(tmp_path, monkeypatch):
                        "--batch-size", "32", "--workers", "0", "--max-steps", "1", "--out-dir", str(out)]) == 0
     with open(out / "metrics.jsonl") as f:
         start = json.loads(f.readline())
-    assert start["device_name"] == train.device_name(torch.device("cpu"))
+    assert start["device_name"] == runtime.device_name(torch.device("cpu"))
     assert start["device_name"].endswith(f", {torch.get_num_threads()} threads")
     (out / "eval.json").write_text(json.dumps({"rows": [{"res": 16, "top1": 50.0, "top5": 100.0, "loss": 1.0}]}))
-    assert start["boot_id"] == train.boot_id() and len(train.boot_id()) == 36       # Linux: this boot's uuid
+    assert start["boot_id"] == runtime.boot_id() and len(runtime.boot_id()) == 36       # Linux: this boot's uuid
     assert experiments.summary("run", [], [16])["machine"] == f"{start['device_name']}, boot {start['boot_id'][:8]}"
 
 
@@ -321,3 +327,42 @@ def test_two_sessions_with_one_cpu_name_are_two_machines(tmp_path, monkeypatch):
                 "vit-tiny-s0": {"train_seconds": 3908.0, "train_images_per_s": 48.15, **xeon}}
     flags, _ = experiments.equal_time_plan([0, 2], results)["vit-tiny-time-s2"]
     assert train.parse_args(flags)[0].max_steps == round(1463.0 * 48.15 / 64)  # seed 0's pair, not 600
+
+
+def test_eval_matches_classes_by_name_and_refuses_others(tmp_path, capsys):
+    """Only the class count used to be compared: a val folder with the classes in another order scored 0%."""
+    from PIL import Image
+    import data
+    from checkpoint import model_from_checkpoint
+
+    def tree(root, split, names, count):
+        for c, name in enumerate(names):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), (80 * c, i * 20, 0)).save(root / split / name / f"{i}.png")
+
+    full, subset, foreign = tmp_path / "full", tmp_path / "subset", tmp_path / "foreign"
+    tree(full, "train", "abc", 8)
+    tree(full, "val", "abc", 4)
+    tree(subset, "val", "bc", 4)                   # b and c are labels 0 and 1 here, 1 and 2 for the model
+    tree(foreign, "val", "bd", 4)
+    run = tmp_path / "run"
+    assert train.main(["--dim", "32", "--depth", "2", "--heads", "2", "--res", "32", "--data", "imagefolder",
+                       "--data-dir", str(full), "--batch-size", "8", "--workers", "0", "--max-steps", "3",
+                       "--lr", "3e-3", "--out-dir", str(run)]) == 0
+    ckpt = str(run / "ckpt.pt")
+    capsys.readouterr()
+    top1 = evaluate_script.main(["--ckpt", ckpt, "--data-dir", str(subset), "--workers", "0"])[0]["top1"]
+    out = capsys.readouterr().out
+    assert f"the 2 classes of {subset}/val are matched to the checkpoint's 3 by name" in out
+    model = model_from_checkpoint(load_checkpoint(ckpt), ckpt).eval()
+    val = data.build_dataset("imagefolder", str(subset), "val", 32)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    assert top1 == pytest.approx(100 * (predicted == torch.tensor([1, 2])[labels]).float().mean().item())
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_script.main(["--ckpt", ckpt, "--data-dir", str(foreign), "--workers", "0"])
+    assert exit_info.value.code == 2
+    assert "1 classes that are not the expected ones (d)" in capsys.readouterr().err

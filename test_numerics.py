@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+import runtime
 from model import CATConfig, build_model
 
 FAMILIES = {"cross_axis": dict(pos="cat"), "softmax": dict(pos="ape", mlp_ratio=4.0, imprint="none"),
@@ -60,7 +61,7 @@ def test_bf16_training_follows_the_fp32_loss_curve(tmp_path):
 def test_bf16_is_the_default_where_the_hardware_has_it(tmp_path):
     cpu_has_bf16 = any(getattr(torch.cpu, name, lambda: False)()
                        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    assert train.bf16_is_fast(torch.device("cpu")) == cpu_has_bf16
+    assert runtime.bf16_is_fast(torch.device("cpu")) == cpu_has_bf16
     assert train.main(["--dim", "32", "--depth", "2", "--heads", "2", "--res", "32", "--shapes-size", "64",
                        "--batch-size", "32", "--workers", "0", "--max-steps", "1", "--out-dir", str(tmp_path)]) == 0
     with open(tmp_path / "metrics.jsonl") as f:

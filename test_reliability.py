@@ -16,6 +16,7 @@ import torch
 
 import data
 import train
+from checkpoint import fit_batch_to_world, load_checkpoint
 from test_train import TINY, interrupt_at_forward, records, step_losses
 
 REPO = Path(__file__).parent
@@ -93,7 +94,7 @@ def indices(log_dir, epoch, files="rank*"):
 
 
 def weights(out_dir, name="ckpt.pt"):
-    return train.load_checkpoint(str(Path(out_dir) / name))["model"]
+    return load_checkpoint(str(Path(out_dir) / name))["model"]
 
 
 def same_weights(a, b):
@@ -177,12 +178,12 @@ def test_sampler_deals_the_rest_of_an_epoch_over_another_world_size():
 def test_effective_batch_is_kept_or_the_change_is_said():
     saved = {"batch_size": 16, "accum": 1}
     args = Namespace(batch_size=16, accum=1)
-    assert "--accum 1 -> 2" in train.fit_batch_to_world(saved, 2, args, 1) and args.accum == 2
+    assert "--accum 1 -> 2" in fit_batch_to_world(saved, 2, args, 1) and args.accum == 2
     args = Namespace(batch_size=16, accum=2)
-    assert "the same 32 images" in train.fit_batch_to_world({"batch_size": 16, "accum": 2}, 1, args, 2)
+    assert "the same 32 images" in fit_batch_to_world({"batch_size": 16, "accum": 2}, 1, args, 2)
     assert args.accum == 1
     args = Namespace(batch_size=16, accum=1)
-    note = train.fit_batch_to_world(saved, 2, args, 3)
+    note = fit_batch_to_world(saved, 2, args, 3)
     assert note.startswith("48 images a step instead of 32") and args.accum == 1
 
 
@@ -196,7 +197,7 @@ def test_two_to_one_to_two_processes_skips_and_repeats_no_sample(tmp_path, monke
     monkeypatch.undo()
     out = capsys.readouterr().out
     assert "1 process(es) continue a run of 2" in out and "--accum 1 -> 2" in out
-    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 6
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 6
     (tmp_path / "two").mkdir()
     two = finish(torchrun(driver, [*RUN, "--resume", "--out-dir", str(tmp_path)],
                           env={"INDEX_LOG": str(tmp_path / "two")}))
@@ -208,7 +209,7 @@ def test_two_to_one_to_two_processes_skips_and_repeats_no_sample(tmp_path, monke
     assert sorted(indices(tmp_path / "two", 1)) == sorted(indices(reference / "indices", 1))
     lrs = {step: lr for step, _, lr in step_losses(tmp_path)}
     assert lrs == {step: lr for step, _, lr in step_losses(reference) if step > 4}   # steps 5-16, same schedule
-    final = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    final = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert (final["step"], final["world_size"], final["args"]["accum"]) == (STEPS, 2, 1)
 
 
@@ -248,9 +249,9 @@ def test_keep_last_best_and_fallback_from_a_corrupt_latest_checkpoint(tmp_path, 
               "--out-dir", str(tmp_path)]
     assert train.main(common) == 0
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "ckpt-2.pt", "ckpt-4.pt", "ckpt.pt"]
-    assert [train.load_checkpoint(str(tmp_path / f"ckpt-{s}.pt"))["step"] for s in (2, 4)] == [2, 4]
+    assert [load_checkpoint(str(tmp_path / f"ckpt-{s}.pt"))["step"] for s in (2, 4)] == [2, 4]
     top1 = [r["val_top1"] for r in records(tmp_path) if "val_top1" in r]
-    assert train.load_checkpoint(str(tmp_path / "best.pt"))["metrics"]["val_top1"] == max(top1)
+    assert load_checkpoint(str(tmp_path / "best.pt"))["metrics"]["val_top1"] == max(top1)
     finished = weights(tmp_path)
 
     latest = tmp_path / "ckpt.pt"                      # truncated as by a full disk (a new file: best.pt may
@@ -261,5 +262,5 @@ def test_keep_last_best_and_fallback_from_a_corrupt_latest_checkpoint(tmp_path, 
     assert train.main([*common, "--resume"]) == 0
     err = capsys.readouterr().err
     assert f"{latest}: unreadable or truncated" in err and f"previous checkpoint, {tmp_path / 'ckpt-4.pt'}" in err
-    assert train.load_checkpoint(str(latest))["step"] == 6
+    assert load_checkpoint(str(latest))["step"] == 6
     assert same_weights(weights(tmp_path), finished)   # steps 5 and 6 redone exactly

@@ -14,6 +14,9 @@ import torch
 
 import model
 import train
+import checkpoint
+import runtime
+from checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).parent
 # A model and data small enough for a CPU test: 32 px, 4 x 4 grid, D 32; a 512-image shapes set.
@@ -68,7 +71,7 @@ def test_tiny_run_learns(tmp_path):
     assert last < first - 0.3, (first, last)
     final = records(tmp_path)[-1]
     assert final["val_top1"] > 40          # chance is 12.5%; this run reaches ~57%
-    state = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    state = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert state["step"] == 300 and state["metrics"]["val_top1"] == final["val_top1"]
 
 
@@ -87,7 +90,7 @@ def test_metrics_log_has_speed_lr_and_mfu(tmp_path):
 def test_amp_asked_for_on_a_cpu_without_bf16_units_warns(tmp_path, monkeypatch, capsys):
     """An AVX2-only CPU emulates bf16 (65 s a vit-tiny step, against 2.5 with AVX512-BF16): --amp still does what
     it says, and says what it costs."""
-    monkeypatch.setattr(train, "cpu_bf16_units", lambda: None)
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: None)
     assert train.main([*TINY, "--max-steps", "1", "--amp", "--out-dir", str(tmp_path)]) == 0
     assert records(tmp_path)[0]["amp"] is True
     assert "bf16 autocast runs emulated here" in capsys.readouterr().err
@@ -104,13 +107,13 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     # 512 images / (16 x 2) = 16 steps an epoch; stop inside step 11, in the first epoch's... second epoch.
     interrupt_at_forward(monkeypatch, call=2 * 10 + 1)
     assert train.main([*common, "--out-dir", str(broken)]) == 0
-    assert train.load_checkpoint(str(broken / "ckpt.pt"))["step"] == 11
+    assert load_checkpoint(str(broken / "ckpt.pt"))["step"] == 11
     monkeypatch.undo()
     assert train.main([*common, "--out-dir", str(broken), "--resume"]) == 0
 
     assert step_losses(broken) == step_losses(straight)
     assert len(step_losses(straight)) == 20
-    a, b = train.load_checkpoint(str(straight / "ckpt.pt")), train.load_checkpoint(str(broken / "ckpt.pt"))
+    a, b = load_checkpoint(str(straight / "ckpt.pt")), load_checkpoint(str(broken / "ckpt.pt"))
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
     assert a["metrics"]["val_top1"] == b["metrics"]["val_top1"]
@@ -131,12 +134,12 @@ def test_sigint_saves_and_exits_cleanly(tmp_path, monkeypatch):
     assert proc.returncode == 0, output
     assert time.time() - sent < 10
     assert "stopped by signal" in output
-    state = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    state = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert state["step"] >= 3
     interrupt_at_forward(monkeypatch, call=2)              # resume with the same flags; stop again 2 steps on
     assert train.main([*TINY, "--max-steps", "100000", "--epochs", "1000", "--save-every", "100000",
                        "--eval-every", "100000", "--resume", "--out-dir", str(tmp_path)]) == 0
-    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == state["step"] + 2
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == state["step"] + 2
 
 
 def test_sigint_during_validation_saves_and_exits_cleanly(tmp_path):
@@ -160,8 +163,8 @@ sys.exit(train.main({[*TINY, "--max-steps", "50", "--epochs", "10", "--eval-ever
     result = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
                             start_new_session=True)                 # its own process group, safe to signal
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "stopped by signal at step 3" in result.stdout              # the step after that validation
-    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+    assert "stopped by signal at step 2" in result.stdout              # the step of that validation
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2
 
 
 def test_resume_refuses_flags_that_change_the_schedule_or_data(tmp_path, capsys):
@@ -191,7 +194,7 @@ def test_ddp_two_processes_resume_exactly(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     result = torchrun([*common, "--out-dir", str(straight)])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert train.load_checkpoint(str(straight / "ckpt.pt"))["world_size"] == 2
+    assert load_checkpoint(str(straight / "ckpt.pt"))["world_size"] == 2
 
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", *common, "--out-dir", str(broken)], cwd=REPO,
@@ -201,13 +204,13 @@ def test_ddp_two_processes_resume_exactly(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)                  # torchrun passes it on to both workers
     proc.wait(timeout=60)
-    stopped_at = train.load_checkpoint(str(broken / "ckpt.pt"))["step"]
+    stopped_at = load_checkpoint(str(broken / "ckpt.pt"))["step"]
     assert 3 <= stopped_at < 40, "the run ended before the signal: make it longer"
     result = torchrun([*common, "--out-dir", str(broken), "--resume"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert step_losses(broken) == step_losses(straight)
     # the same weights everywhere, but each process its own random stream (dropout, MixUp, ...)
-    rng = train.load_checkpoint(str(straight / "ckpt.pt"))["rng"]
+    rng = load_checkpoint(str(straight / "ckpt.pt"))["rng"]
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
@@ -226,7 +229,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert train.main(args) == 1
     message = capsys.readouterr().err
     assert "loss is nan at step 5" in message and "ckpt.pt" in message
-    state = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    state = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
@@ -236,12 +239,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def test_checkpoint_write_survives_kill_9(tmp_path):
     """kill -9 in the middle of a checkpoint write leaves the previous checkpoint whole."""
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint({"format": train.CHECKPOINT_FORMAT, "step": 1, "w": torch.ones(10)}, str(path))
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "step": 1, "w": torch.ones(10)}, str(path))
     writer = subprocess.Popen([sys.executable, "-c", f"""
-import torch, train
-state = {{"format": train.CHECKPOINT_FORMAT, "step": 2, "w": torch.ones(300_000_000 // 4)}}
+import torch
+from checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+state = {{"format": CHECKPOINT_FORMAT, "step": 2, "w": torch.ones(300_000_000 // 4)}}
 while True:
-    train.save_checkpoint(state, {str(path)!r})
+    save_checkpoint(state, {str(path)!r})
 """], cwd=REPO)
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob("ckpt.pt.tmp-*")):
@@ -249,7 +253,7 @@ while True:
     assert list(tmp_path.glob("ckpt.pt.tmp-*")), "the writer never started writing"
     writer.send_signal(signal.SIGKILL)
     writer.wait()
-    state = train.load_checkpoint(str(path))           # either the old or a complete new one
+    state = load_checkpoint(str(path))           # either the old or a complete new one
     assert state["step"] in (1, 2) and state["w"].numel() in (10, 300_000_000 // 4)
 
 
@@ -266,34 +270,34 @@ class RunsCode:
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")     # the hostile file is a plain pickle
 def test_malicious_pickle_is_refused_without_running(tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "model": RunsCode(marker)}, path)
-    with pytest.raises(train.CheckpointError, match="evil.pt: refused"):
-        train.load_checkpoint(str(path))
+    torch.save({"format": CHECKPOINT_FORMAT, "model": RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="evil.pt: refused"):
+        load_checkpoint(str(path))
     assert not marker.exists()
     with open(path, "wb") as f:                          # a bare pickle, not even a torch file
         pickle.dump(RunsCode(marker), f)
-    with pytest.raises(train.CheckpointError, match="evil.pt"):
-        train.load_checkpoint(str(path))
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(str(path))
     assert not marker.exists()
 
 
 def test_truncated_foreign_and_missing_checkpoints_fail_clearly(tmp_path):
     good = tmp_path / "good.pt"
-    train.save_checkpoint({"format": train.CHECKPOINT_FORMAT, "w": torch.randn(1000)}, str(good))
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "w": torch.randn(1000)}, str(good))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:2000])
-    with pytest.raises(train.CheckpointError, match="truncated.pt: unreadable or truncated"):
-        train.load_checkpoint(str(truncated))
+    with pytest.raises(CheckpointError, match="truncated.pt: unreadable or truncated"):
+        load_checkpoint(str(truncated))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(5000))
-    with pytest.raises(train.CheckpointError, match="garbage.pt: (unreadable|refused)"):
-        train.load_checkpoint(str(garbage))
+    with pytest.raises(CheckpointError, match="garbage.pt: (unreadable|refused)"):
+        load_checkpoint(str(garbage))
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, foreign)
-    with pytest.raises(train.CheckpointError, match="foreign.pt: not a CAT checkpoint"):
-        train.load_checkpoint(str(foreign))
-    with pytest.raises(train.CheckpointError, match="missing.pt: no such checkpoint"):
-        train.load_checkpoint(str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="foreign.pt: not a CAT checkpoint"):
+        load_checkpoint(str(foreign))
+    with pytest.raises(CheckpointError, match="missing.pt: no such checkpoint"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -301,10 +305,12 @@ def test_truncated_foreign_and_missing_checkpoints_fail_clearly(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--model", "resnet"], "invalid choice: 'resnet'"),
     (["--pos", "sinusoidal"], "invalid choice: 'sinusoidal'"),
-    (["--res", "30"], "img_size (30) must be divisible by patch (8)"),
+    (["--res", "30"], "--res 30 must be divisible by --patch 8"),
+    (["--crop-scale", "2"], "--crop-scale must be in (0, 1], got 2.0"),
+    (["--erase", "1.5"], "--erase (a probability) must be in [0, 1], got 1.5"),
     (["--batch-size", "0"], "must be a positive integer"),
     (["--dim", "-64"], "must be a positive integer"),
-    (["--dim", "30", "--heads", "4"], "dim (30) must be divisible by heads (4)"),
+    (["--dim", "30", "--heads", "4"], "--dim 30 must be divisible by --heads 4"),
     (["--lr", "-1"], "must be >= 0"),
     (["--workers", "-1"], "must be >= 0"),
     (["--eval-every", "-5"], "must be >= 0"),
@@ -317,6 +323,7 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert "usage:" not in err and len(err.strip().splitlines()) == 2 and "--help" in err   # one line, a pointer
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -357,7 +364,7 @@ def test_unwritable_out_dir_fails_at_start(tmp_path, capsys):
 
 
 def test_full_disk_fails_at_start(tmp_path, monkeypatch):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: SimpleNamespace(free=1024))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=1024))
     with pytest.raises(SystemExit, match="MiB free; a checkpoint needs about"):
         train.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path)])
 
@@ -370,6 +377,186 @@ def test_strict_images_stops_with_one_line(tmp_path, capsys):
     with pytest.warns(UserWarning, match="broken.png"):
         assert train.main(common) == 0                  # skipped and counted
     assert sum(r.get("skipped_images", 0) for r in records(tmp_path / "run")) >= 1
-    assert train.main([*common, "--strict-images", "--workers", "1"]) == 1
+    assert train.main([*common, "--strict-images", "--workers", "1", "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "broken.png" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- what a user meets
+
+def test_sigterm_to_the_whole_process_group_saves(tmp_path):
+    """timeout, Slurm and torchrun's shutdown signal the whole process group: the loader's workers must leave the
+    signal to the trainer (they used to die of it first, and the trainer failed without saving)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--workers", "1", "--max-steps", "100000",
+                             "--epochs", "1000", "--save-every", "100000", "--eval-every", "100000",
+                             "--out-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"loss"') >= 3):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-2000:]
+    assert "SIGTERM: stopping after this step" in output and "stopped by signal" in output
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] >= 3
+
+
+def test_a_crash_with_loader_workers_exits_instead_of_hanging(tmp_path):
+    """The workers ignore SIGTERM (above), and at exit multiprocessing ends live workers with SIGTERM and waits for
+    them: an uncaught error, whose traceback keeps the loader alive until then, used to hang the process for good."""
+    driver = f"""
+import sys, train
+def broken(*args):
+    raise RuntimeError("a bug in the training step")
+train.gradient_norm = broken
+train.main({[*TINY, "--workers", "1", "--max-steps", "5", "--out-dir", str(tmp_path)]!r})
+"""
+    result = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            start_new_session=True)
+    assert result.returncode == 1 and "RuntimeError: a bug in the training step" in result.stderr
+
+
+def test_one_process_stops_after_the_step_it_is_in_and_says_so(tmp_path, monkeypatch, capsys):
+    """A signal in step 3 stops after step 3, not at the next log step (--log-every 100 here)."""
+    common = [*TINY, "--log-every", "100", "--max-steps", "50", "--eval-every", "1000", "--out-dir", str(tmp_path)]
+    interrupt_at_forward(monkeypatch, call=3)
+    assert train.main(common) == 0
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping after this step to save a checkpoint (Ctrl-C again quits at once without saving)" in err
+
+
+def test_a_second_signal_quits_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    forward, calls = model.CAT.forward, {"n": 0}
+
+    def twice(self, images):
+        calls["n"] += images.device.type != "meta"
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, images)
+
+    monkeypatch.setattr(model.CAT, "forward", twice)
+    assert train.main([*TINY, "--max-steps", "50", "--save-every", "2", "--out-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: not saved" in err and "Traceback" not in err
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2          # the last save stands
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Passes its input through and sends an infinite gradient back: an overflow in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_finite_loss_with_non_finite_gradients_stops_before_the_update_and_saves_nothing(tmp_path, monkeypatch,
+                                                                                             capsys):
+    forward, calls = model.CAT.forward, {"n": 0}
+
+    def overflowing_backward(self, images):
+        calls["n"] += images.device.type != "meta"
+        logits = forward(self, images)
+        return InfiniteGradient.apply(logits) if calls["n"] == 4 else logits     # step 4, a save step
+
+    monkeypatch.setattr(model.CAT, "forward", overflowing_backward)
+    args = [*TINY, "--log-every", "10", "--max-steps", "10", "--save-every", "2", "--eval-every", "1000",
+            "--out-dir", str(tmp_path)]
+    assert train.main(args) == 1
+    message = capsys.readouterr().err
+    assert "the loss is finite but the gradient norm is" in message and "at steps 3-4" in message
+    state = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_new_run_leaves_another_runs_files_alone(tmp_path, capsys):
+    common = [*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]
+    assert train.main(common) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*common, "--seed", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir {tmp_path} holds another run" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert train.main([*common, "--seed", "1", "--overwrite"]) == 0      # on purpose: the old files go first
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2]
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["args"]["seed"] == 1
+
+
+def test_resume_needs_no_flags_and_names_a_changed_model_flag(tmp_path, monkeypatch, capsys):
+    """--resume takes the run's own flags; those typed are compared by their effective values."""
+    common = [*TINY, "--max-steps", "6", "--eval-every", "1000", "--lr", "1e-3"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert train.main([*common, "--out-dir", str(straight)]) == 0
+    interrupt_at_forward(monkeypatch, call=3)
+    assert train.main([*common, "--out-dir", str(broken)]) == 0
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        train.main(["--out-dir", str(broken), "--resume", "--res", "48"])
+    assert "--res 48 (was 32)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--out-dir", str(broken), "--resume", "--lr", "0.01"])
+    assert "--lr 0.01 (was 0.001)" in capsys.readouterr().err
+    assert train.main(["--out-dir", str(broken), "--resume", "--res", "32"]) == 0    # the run's own value, typed
+    assert step_losses(broken) == step_losses(straight)
+    steps = [r["step"] for r in records(broken) if "loss" in r]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6]        # the redone steps are not logged twice
+
+
+def test_resume_refuses_data_with_other_classes(tmp_path, capsys):
+    """Only the class count used to be compared: --resume --data-dir OTHER trained the rest on other classes."""
+    first, other, run = tmp_path / "first", tmp_path / "other", tmp_path / "run"
+    image_tree(first, {"train": {"cat": 16, "dog": 16}, "val": {"cat": 2, "dog": 2}})
+    image_tree(other, {"train": {"car": 16, "dog": 16}, "val": {"car": 2, "dog": 2}})
+    assert train.main(["--dim", "32", "--depth", "2", "--heads", "2", "--res", "32", "--batch-size", "16",
+                       "--workers", "0", "--data", "imagefolder", "--data-dir", str(first), "--max-steps", "1",
+                       "--out-dir", str(run)]) == 0
+    with pytest.raises(SystemExit):
+        train.main(["--out-dir", str(run), "--resume", "--data-dir", str(other)])
+    err = capsys.readouterr().err
+    assert "the run was trained on other classes" in err and "car" in err
+
+
+def test_logged_learning_rate_is_the_one_the_step_used(tmp_path):
+    assert train.main([*TINY, "--max-steps", "4", "--warmup", "0", "--out-dir", str(tmp_path)]) == 0
+    lrs = [lr for _, _, lr in step_losses(tmp_path)]
+    assert lrs[0] == 3e-4 and lrs[-1] > 0                  # the peak first; the last step's rate is not yet 0
+    assert lrs == sorted(lrs, reverse=True)
+
+
+def test_small_data_says_what_the_batch_leaves_out(tmp_path, capsys):
+    assert train.main([*TINY, "--shapes-size", "120", "--batch-size", "64", "--max-steps", "1",
+                       "--out-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "leave out 56 of the 120 training images every epoch" in err and "--batch-size 60" in err
+
+
+def test_tensorboard_gets_the_logged_scalars_and_a_summary_ends_the_run(tmp_path, monkeypatch, capsys):
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, name, value, step):
+            written.append((name, step))
+
+        def flush(self):
+            pass
+
+    module = type(sys)("torch.utils.tensorboard")
+    module.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    assert train.main([*TINY, "--max-steps", "3", "--tensorboard", "--out-dir", str(tmp_path)]) == 0
+    assert ("dir", str(tmp_path / "tb")) in written
+    assert [step for name, step in written if name == "loss"] == [1, 2, 3] and ("val_top1", 3) in written
+    out = capsys.readouterr().out
+    assert "best" in out and "at step 3 (best.pt)" in out and "images/s" in out
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["dim"] == 32
