@@ -25,9 +25,10 @@ CHOICES = {
     "axis": ("row", "alternate"),
     "form": ("auto", "quadratic", "linear"),
     "performer_kernel": ("favor", "relu"),
-    "pos": SCHEMES + SWIN_POS,
+    "pos": tuple(dict.fromkeys(SCHEMES + SWIN_POS)),               # axial and mixed serve both
     "imprint": ("none", "constant", "tanh_decay", "tanh_grow"),
     "pool": ("mean", "corner", "cls"),
+    "stem": ("patch", "conv"),
 }
 
 
@@ -52,9 +53,10 @@ class CATConfig:
     pos: str = "cat"                # rope2d.SCHEMES
     imprint: str = "constant"       # residual imprint schedule, SPEC 2.3 / paper Table 4
     pool: str = "mean"              # mean | corner (released code) | cls
+    stem: str = "patch"             # patch: one patch x patch convolution (ViT's); conv: ConvStem, the same grid
     dropout: float = 0.0
     drop_path: float = 0.0
-    grad_checkpoint: bool = False   # training: recompute each block's activations in backward (memory for time)
+    grad_checkpoint: bool = False   # training: recompute each block's activations in backward (not resnet18)
     # Swin only (attn='swin'): blocks per stage (depth is unused), heads double and the grid halves per stage
     stages: tuple = (2, 2, 6, 2)
     window: int = 7                 # Swin window side, in patches
@@ -88,6 +90,16 @@ class CATConfig:
         if self.attn == "resnet18" and (self.pos, self.pool, self.patch) != ("none", "mean", 32):
             raise ValueError("resnet18 has no positions and mean-pools after a total stride of 32: it needs "
                              f"pos='none', pool='mean', patch=32, got {self.pos!r}, {self.pool!r}, {self.patch}")
+        if self.attn == "resnet18" and self.grad_checkpoint:
+            raise ValueError("grad_checkpoint is not offered for resnet18: recomputing a BatchNorm layer in the "
+                             "backward pass would update its running statistics twice")
+        if self.attn == "performer" and rotary not in (None, "cat_ref") and self.performer_features % 2:
+            raise ValueError(f"performer_features must be even with pos={self.pos!r}: the rotary turns the "
+                             f"features in pairs, got {self.performer_features}")
+        power_of_2 = self.patch >= 2 and not self.patch & (self.patch - 1)
+        if self.stem == "conv" and (self.attn in ("swin", "resnet18") or not power_of_2):
+            raise ValueError(f"stem='conv' needs a power-of-2 patch of at least 2 and attn cross_axis, softmax or "
+                             f"performer, got patch {self.patch} and attn {self.attn!r}")
         if self.xy_mask and self.attn != "cross_axis":
             raise ValueError("xy_mask needs attn='cross_axis': it weights the cross-axis scores")
         if self.mid_norm and (self.attn != "cross_axis" or self.form == "linear"):
@@ -175,8 +187,9 @@ def cross_axis_attention(q, k, v, form="auto", mid_norm=False):
 
 class FocusMask(nn.Module):
     """The learned X/Y mask (paper Table 4, SPEC 2.3): a small head predicts one (x, y) focus per image from the
-    patch embedding E (each block's attention has its own head, so the focus may differ from block to block), and the score of every key at L1 distance r from it (coordinates in [-1, 1]) is
-    multiplied by exp(-rate_n r), a learned decay rate per head n. The weight belongs to the key's position
+    patch embedding E (each block's attention has its own head, so the focus may differ from block to block), and
+    the score of every key at L1 distance r from it (coordinates in [-1, 1]) is multiplied by exp(-rate_n r), a
+    learned decay rate per head n. The weight belongs to the key's position
     alone, so it scales k, and both product orders stay exact: S[i, j, j'] w[i, j'] = <q[i, j], w[i, j'] k[i, j']>.
     """
 
@@ -386,10 +399,31 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.ffn = FeedForward(cfg)
         self.drop_path = cfg.drop_path * layer / max(cfg.depth - 1, 1)    # linear in depth
+        self.one_class_token = cfg.attn != "cross_axis"            # softmax, Performer: see sequence()
 
     def forward(self, x, embed=None, alpha=0.0, cls_column=False):   # (B, H, W, D) -> (B, H, W, D)
         x = x + drop_path(self.attn(self.norm1(x), embed, alpha, cls_column), self.drop_path, self.training)
-        return x + drop_path(self.ffn(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.ffn(self.norm2(x)), self.drop_path, self.training)
+        if cls_column and self.one_class_token:
+            # One token in H copies: dropout draws a mask per copy, so under it they would drift apart while the
+            # next attention reads only row 0's and the head averages all. Row 0's is the token; the others follow.
+            x = torch.cat([x[:, :, :-1], x[:, :1, -1:].expand(-1, x.shape[1], -1, -1)], 2)
+        return x
+
+
+class ConvStem(nn.Sequential):
+    """The convolutional stem of Xiao et al. 2021 ("Early convolutions help transformers see better"), in place
+    of the patchify convolution: log2(patch) 3x3 convolutions of stride 2, each with BatchNorm and ReLU, widths
+    doubling up to `dim`, then a 1x1 convolution. The same (R / patch) grid, from overlapping receptive fields
+    that grow step by step; their FLOPs are counted like any convolution's. (B, 3, R, R') -> (B, dim, R/p, R'/p)."""
+
+    def __init__(self, dim, patch):
+        steps = patch.bit_length() - 1
+        widths = [3, *(max(dim >> (steps - 1 - i), 1) for i in range(steps))]     # ..., dim / 4, dim / 2, dim
+        layers = []
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        super().__init__(*layers, nn.Conv2d(dim, dim, 1))
 
 
 class CAT(nn.Module):
@@ -408,7 +442,10 @@ class CAT(nn.Module):
         if config.attn == "swin":
             raise ValueError("attn='swin' is built by swin.Swin (torchvision's Swin); use model.build_model(config)")
         self.config = cfg = config
-        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch, cfg.patch)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.dim, cfg.patch)
+        else:
+            self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch, cfg.patch)     # ViT's patchify
         self.ape = AbsolutePosition(cfg.dim, (cfg.grid, cfg.grid)) if split_scheme(cfg.pos)[0] else None
         # The class token (pool='cls') must sit on the grid for the cross-axis attention: it takes an extra
         # column, one copy per row, and the copies are averaged at the end. The copies are not rotated.
@@ -461,7 +498,7 @@ class CAT(nn.Module):
         norm=True passes each map through the final LayerNorm. The class-token column is never included, and
         blocks after the deepest one asked for are not run.
         """
-        take = self.take_indices(indices)
+        take = take_indices(indices, len(self.blocks))
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         x, embed = self.embed(images)
@@ -474,43 +511,20 @@ class CAT(nn.Module):
         maps = [maps[layer][:, :, :W] for layer in take]             # (B, H, W, D) each
         return maps if output_fmt == "NHWC" else [m.permute(0, 3, 1, 2) for m in maps]
 
-    def take_indices(self, indices):
-        """forward_intermediates' `indices` as a list of block numbers in 0..depth-1, or a clear ValueError."""
-        depth = len(self.blocks)
-        if indices is None:
-            return list(range(depth))
-        if isinstance(indices, int) and not isinstance(indices, bool):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices={indices}: an int n means the last n blocks, 1 <= n <= depth = {depth}")
-            return list(range(depth - indices, depth))
-        if (not isinstance(indices, (list, tuple)) or not indices or
-                any(not isinstance(i, int) or isinstance(i, bool) or not -depth <= i < depth for i in indices)):
-            raise ValueError(f"indices must be None, an int n (the last n blocks) or a non-empty list of block "
-                             f"indices in [{-depth}, {depth}), got {indices!r}")
-        return [i % depth for i in indices]
-
     def embed(self, images):
         """Images -> (x, E): the patch grid with positions (and the class-token column), and the imprint E."""
-        self.check_images(images)
+        check_images(images, self.config.patch)
         # channels-last in, so that the permuted embedding is contiguous: (B, H, W, D) all the way down. The
         # residual stream keeps the weights' dtype under autocast (fp32, as in timm and nanoGPT): only the
         # matmuls run in bf16.
         x = self.patch_embed(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-        x = x.to(self.patch_embed.weight.dtype)
+        x = x.to(self.norm.weight.dtype)
         if self.ape is not None:
             x = self.ape(x)
         if self.cls_token is not None:
             B, H = x.shape[:2]
             x = torch.cat([x, self.cls_token.expand(B, H, 1, -1).to(x.dtype)], 2)  # (B, H, W+1, D)
         return x, x                                                  # E is the input of block 0 (SPEC 2.3)
-
-    def check_images(self, images):
-        """The one input check of every entry point: a clear ValueError rather than a shape error deep inside."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
-        if images.shape[2] % self.config.patch or images.shape[3] % self.config.patch:
-            raise ValueError(f"image size {tuple(images.shape[2:])} is not divisible by the patch size "
-                             f"{self.config.patch}")
 
     def run_block(self, layer, x, embed):
         """Block `layer` on the grid x (B, H, W(+1), D), with activation checkpointing when configured."""
@@ -544,6 +558,31 @@ class CAT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def check_images(images, patch):
+    """The one input check of every entry point (CAT's and Swin's): a clear ValueError rather than a shape error
+    deep inside."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[2] % patch or images.shape[3] % patch:
+        raise ValueError(f"image size {tuple(images.shape[2:])} is not divisible by the patch size {patch}")
+
+
+def take_indices(indices, depth):
+    """forward_intermediates' `indices` (None: all; an int n: the last n; or a list, negative counting from the
+    end) as a list of numbers in 0..depth-1, in the order asked, or a clear ValueError."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= depth:
+            raise ValueError(f"indices={indices}: an int n means the last n, 1 <= n <= depth = {depth}")
+        return list(range(depth - indices, depth))
+    if (not isinstance(indices, (list, tuple)) or not indices or
+            any(not isinstance(i, int) or isinstance(i, bool) or not -depth <= i < depth for i in indices)):
+        raise ValueError(f"indices must be None, an int n (the last n) or a non-empty list of indices "
+                         f"in [{-depth}, {depth}), got {indices!r}")
+    return [i % depth for i in indices]
 
 
 def init_weights(module):

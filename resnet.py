@@ -25,6 +25,8 @@ class ResNet18(ResNet):
         return sum(p.numel() for p in self.parameters())
 
     def reset_classifier(self, num_classes):
-        """A new, freshly initialised head (torchvision's Linear init) for num_classes classes."""
-        self.fc = nn.Linear(self.fc.in_features, num_classes, device=self.fc.weight.device)
+        """A new, freshly initialised head (torchvision's Linear init) for num_classes classes, on the old head's
+        device and dtype."""
+        old = self.fc.weight
+        self.fc = nn.Linear(self.fc.in_features, num_classes, device=old.device, dtype=old.dtype)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)

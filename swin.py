@@ -8,9 +8,9 @@ without the RPB. `Swin` takes a model.CATConfig with attn='swin' and offers the 
 
 Config fields used: `pos` (below), `dim` and `heads` for stage 1 (both double at every stage; the head width
 stays dim/heads), `stages` (blocks per stage), `window`, `patch`, `mlp_ratio`, `dropout`, `drop_path` (torchvision's
-stochastic depth, rising linearly to it over the blocks), `num_classes`. `pool` must be 'mean' (Swin averages its
-last feature map). `img_size` is only the training size. Ignored: `depth` and CAT's own `axis`, `form`,
-`mid_norm`, `imprint`, `performer_kernel`, `performer_features`.
+stochastic depth, rising linearly to it over the blocks), `num_classes`, `grad_checkpoint` (per block). `pool` must
+be 'mean' (Swin averages its last feature map) and `stem` 'patch'. `img_size` is only the training size. Ignored:
+`depth` and CAT's own `axis`, `form`, `mid_norm`, `imprint`, `performer_kernel`, `performer_features`.
 
 `pos` choices:
   rpb                torchvision's Swin exactly (`swin-t` with it is torchvision.models.swin_t; test_swin.py checks)
@@ -39,6 +39,7 @@ from torchvision.models.swin_transformer import (PatchMerging, PatchMergingV2, S
                                                  SwinTransformer, SwinTransformerBlock, SwinTransformerBlockV2)
 
 import rope2d
+from model import check_images, take_indices
 
 # Positional parameters, kept out of weight decay: the RPB table, v2's logit scale and the whole continuous
 # position bias MLP (as the Swin V2 code does), RoPE-Mixed frequencies.
@@ -186,42 +187,49 @@ class Swin(SwinTransformer):
     def forward_features(self, images):
         """(B, 3, R, R') -> the last stage after the final norm, (B, R/(p*2^(S-1)), R'/(p*2^(S-1)), C),
         sizes rounded up at each patch merging."""
-        return self.forward_intermediates(images, [-1], output_fmt="NHWC")[0]
+        return self.forward_intermediates(images, [-1], output_fmt="NHWC", norm=True)[0]
 
     def forward_head(self, features, pre_logits=False):
         """(B, H, W, C) -> mean-pooled (B, C) if pre_logits, else logits (B, num_classes)."""
         x = self.flatten(self.avgpool(self.permute(features)))        # torchvision's pooling, for exact logits
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, images, indices=None, output_fmt="NCHW"):
-        """The output of each stage in `indices` (None: all; negative counts from the end), before the patch
-        merging that follows it; the last stage after the final norm, as in forward_features. A list of
-        (B, C, H, W) maps (output_fmt 'NCHW') or (B, H, W, C) ('NHWC'), in stage order."""
+    def forward_intermediates(self, images, indices=None, output_fmt="NCHW", norm=False):
+        """model.CAT's interface, with stages for blocks: the output of each stage in `indices` (None: all; an
+        int n: the last n; negative counts from the end), before the patch merging that follows it, as a list
+        of (B, C, H, W) maps (output_fmt 'NCHW') or (B, H, W, C) ('NHWC'), in the order of `indices`. norm=True
+        passes the last stage through the final norm (forward_features' grid); the other stages have other
+        widths and no norm of their own, and are returned as they are."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         stages = self.features[1::2]                                   # features: embed, stage, merge, stage, ...
-        n = len(stages)
-        indices = range(n) if indices is None else list(indices)
-        if not all(-n <= i < n for i in indices):
-            raise ValueError(f"stage indices must lie in [{-n}, {n}), got {indices}")
-        wanted = {i % n for i in indices}
+        take = take_indices(indices, len(stages))
         check_images(images, self.config.patch)
         # The residual stream keeps the weights' dtype under autocast (fp32, as in model.CAT): the patch
         # embedding and every patch merging end in a bf16 matmul. A bf16 stream, and the embedding's LayerNorm
         # on bf16, put 6-9% relative error into the gradients, against 0.4% for CAT (test_numerics.py).
         dtype = self.head.weight.dtype
-        conv, to_channels_last, norm = self.features[0]
-        x = norm(to_channels_last(conv(images)).to(dtype))             # (B, H, W, C) patch embedding + norm
-        out = []
-        for i, stage in enumerate(stages[:max(wanted, default=-1) + 1]):   # no further than needed
+        conv, to_channels_last, embed_norm = self.features[0]
+        x = embed_norm(to_channels_last(conv(images)).to(dtype))       # (B, H, W, C) patch embedding + norm
+        maps = {}
+        for i, stage in enumerate(stages[:max(take) + 1]):            # no further than needed
             if i:
                 x = self.features[2 * i](x).to(dtype)                  # patch merging: grid / 2, width * 2
-            x = stage(x)
-            if i == n - 1:
-                x = self.norm(x)
-            if i in wanted:
-                out.append(x.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x)
-        return out
+            x = self.run_stage(stage, x)
+            if i in take:
+                maps[i] = self.norm(x) if norm and i == len(stages) - 1 else x
+        maps = [maps[i] for i in take]
+        return maps if output_fmt == "NHWC" else [m.permute(0, 3, 1, 2) for m in maps]
+
+    def run_stage(self, stage, x):
+        """The blocks of one stage, each with activation checkpointing when configured (as model.CAT.run_block:
+        the RNG state is restored before the recomputation, so stochastic depth drops the same blocks)."""
+        if not (self.config.grad_checkpoint and self.training and torch.is_grad_enabled()):
+            return stage(x)
+        from torch.utils.checkpoint import checkpoint
+        for block in stage:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
     def reset_classifier(self, num_classes):
         """A new, freshly initialised head for num_classes classes (e.g. to fine-tune); the rest is kept."""
@@ -244,9 +252,3 @@ class Swin(SwinTransformer):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-
-def check_images(images, patch):
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
-    if images.shape[2] % patch or images.shape[3] % patch:
-        raise ValueError(f"image size {tuple(images.shape[2:])} is not divisible by the patch size {patch}")

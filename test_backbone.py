@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 import train
+from checkpoint import CHECKPOINT_FORMAT, fine_tuning_weights, load_checkpoint, save_checkpoint
 from model import CAT, PRESETS, CATConfig, build_model
 
 FAMILIES = ("cross_axis", "softmax", "performer")
@@ -160,22 +161,43 @@ def saved_tensors(model, images):
     return count
 
 
+def assert_checkpointing_changes_memory_not_gradients(plain, checkpointed, images, labels):
+    """The same weights, the same random masks: the same gradients, with fewer tensors kept. -> the gradients."""
+    checkpointed.load_state_dict(plain.state_dict())
+    expected = gradients(plain, images, labels, seed=1)
+    got = gradients(checkpointed, images, labels, seed=1)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert saved_tensors(checkpointed, images) < saved_tensors(plain, images) / 2
+    return expected
+
+
 @pytest.mark.parametrize("attn,pool", [("cross_axis", "cls"), ("softmax", "mean"), ("performer", "corner")])
 def test_gradient_checkpointing_gives_the_same_gradients(attn, pool):
     options = dict(attn=attn, pool=pool, pos="ape+mixed", dropout=0.1, drop_path=0.3)
     torch.manual_seed(0)
     plain = CAT(small(**options)).train()
     checkpointed = CAT(small(**options, grad_checkpoint=True)).train()
-    checkpointed.load_state_dict(plain.state_dict())
     images, labels = torch.randn(4, 3, 32, 40), torch.tensor([0, 1, 2, 3])
-    expected = gradients(plain, images, labels, seed=1)
-    got = gradients(checkpointed, images, labels, seed=1)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
-    # It is really on (fewer tensors kept), and the masks were really random (another seed, other gradients)
-    assert saved_tensors(checkpointed, images) < saved_tensors(plain, images) / 2
+    expected = assert_checkpointing_changes_memory_not_gradients(plain, checkpointed, images, labels)
+    # the masks were really random (another seed, other gradients)
     other = gradients(plain, images, labels, seed=2)
     assert not torch.allclose(other["patch_embed.weight"], expected["patch_embed.weight"])
+
+
+@pytest.mark.parametrize("attn", ("softmax", "performer"))
+def test_the_class_token_stays_one_token_under_dropout(attn):
+    """Softmax and Performer attention read the class token once (row 0's copy of the class-token column) and
+    the head averages every copy: under dropout the copies must stay one token, not drift apart."""
+    torch.manual_seed(0)
+    model = CAT(small(attn=attn, pool="cls", depth=3, dropout=0.5)).train()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append(out[:, :, -1]))   # (B, H, D)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for column in seen:
+        assert torch.equal(column, column[:, :1].expand_as(column))
+    assert model.cls_token.grad.abs().sum() > 0
 
 
 def test_gradient_checkpointing_only_while_training_with_grad():
@@ -244,16 +266,17 @@ def test_init_from_fine_tunes_on_new_classes_at_a_new_resolution(tmp_path):
     source = tmp_path / "shapes"
     assert train.main([*TINY_RUN, "--res", "32", "--pos", "ape+mixed", "--shapes-size", "256", "--batch-size", "32",
                        "--max-steps", "4", "--out-dir", str(source)]) == 0
-    weights = train.load_checkpoint(str(source / "ckpt.pt"))["model"]
+    weights = load_checkpoint(str(source / "ckpt.pt"))["model"]
     tuned = tmp_path / "tuned"
     assert train.main([*TINY_RUN, "--res", "48", "--pos", "ape+mixed", "--data", "imagefolder", "--data-dir",
                        str(colour_folder(tmp_path / "colours")), "--batch-size", "8", "--lr", "3e-3", "--epochs", "4",
                        "--init-from", str(source / "ckpt.pt"), "--out-dir", str(tuned)]) == 0
     with open(tuned / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    assert records[0]["step"] == 0 and records[0]["config"]["num_classes"] == 2     # fresh schedule, new head
+    assert records[0]["step"] == 0                                                   # a fresh schedule
+    assert json.loads((tuned / "run.json").read_text())["config"]["num_classes"] == 2   # a new head
     assert records[-1]["val_top1"] == 100.0                                          # chance: 50%
-    first = train.load_checkpoint(str(tuned / "ckpt.pt"))
+    first = load_checkpoint(str(tuned / "ckpt.pt"))
     assert first["model"]["ape.table"].shape == (1, 32, 6, 6) and weights["ape.table"].shape == (1, 32, 4, 4)
 
 
@@ -265,8 +288,28 @@ def test_init_from_refuses_another_model_in_one_line(tmp_path, capsys):
         train.main([*TINY_RUN, "--res", "32", "--dim", "64", "--shapes-size", "64", "--max-steps", "1",
                     "--init-from", str(source / "ckpt.pt"), "--out-dir", str(tmp_path / "other")])
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "differs from this run's in more than the head" in error and "dim 32 (here 64)" in error
+    error, hint = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert "--dim 64 (was 32): the model comes from the checkpoint (--init-from)" in error
+    assert hint == "(python train.py --help lists every flag)"
+
+
+def test_init_from_takes_the_model_from_the_checkpoint_and_says_what_it_loaded(tmp_path, capsys):
+    """No architecture flags retyped; the head is kept only for the same class names (--new-head: never)."""
+    source = tmp_path / "source"
+    assert train.main([*TINY_RUN, "--res", "32", "--shapes-size", "64", "--batch-size", "32", "--max-steps", "2",
+                       "--ema", "0.5", "--out-dir", str(source)]) == 0
+    head = load_checkpoint(str(source / "ckpt.pt"))["ema"]["module.head.weight"]
+    for extra, kept in (([], True), (["--new-head"], False)):
+        out = tmp_path / f"tuned{len(extra)}"
+        capsys.readouterr()
+        assert train.main(["--init-from", str(source / "ckpt.pt"), "--shapes-size", "64", "--batch-size", "32",
+                           "--max-steps", "1", "--lr", "0", "--workers", "0", "--out-dir", str(out), *extra]) == 0
+        said = capsys.readouterr().out
+        assert "EMA weights of step 2, 32px -> 32px" in said
+        assert ("head kept (the same 8 classes)" if kept else "new head (--new-head)") in said
+        tuned = load_checkpoint(str(out / "ckpt.pt"))
+        assert tuned["config"]["dim"] == 32 and tuned["args"]["model"] == "cat-tiny"
+        assert torch.equal(tuned["model"]["head.weight"], head) == kept
 
 
 def test_resnet18_is_torchvisions_with_the_training_interface():
@@ -283,18 +326,26 @@ def test_resnet18_is_torchvisions_with_the_training_interface():
     assert len(decay["params"]) == 21 and all(p.dim() == 1 for p in no_decay["params"])   # 20 convs + the head
     with pytest.raises(ValueError, match="pos='none'"):
         replace(PRESETS["resnet18"], pos="cat")
+    # Activation checkpointing would update the BatchNorm statistics twice: refused rather than ignored
+    with pytest.raises(ValueError, match="grad_checkpoint is not offered for resnet18"):
+        replace(PRESETS["resnet18"], grad_checkpoint=True)
 
 
 def test_resnet18_fine_tunes_to_new_classes(tmp_path):
     """--init-from on resnet18: every weight but the head (torchvision's `fc`) comes from the checkpoint."""
     source = build_model(replace(PRESETS["resnet18"], num_classes=10))
-    train.save_checkpoint({"format": train.CHECKPOINT_FORMAT, "config": asdict(source.config),
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "config": asdict(source.config),
                            "model": source.state_dict()}, str(tmp_path / "c.pt"))
     target = build_model(replace(PRESETS["resnet18"], num_classes=3))
-    weights = train.fine_tuning_weights(str(tmp_path / "c.pt"), target)
+    weights, note = fine_tuning_weights(str(tmp_path / "c.pt"), target, ["a", "b", "c"])
     target.load_state_dict(weights)
+    assert "new head" in note
     torch.testing.assert_close(target.conv1.weight, source.conv1.weight)
     assert target.fc.weight.shape == (3, 512)
     target.reset_classifier(7)
     assert target(torch.randn(1, 3, 64, 64)).shape == (1, 7) and target.config.num_classes == 7
     assert PRESETS["resnet18"].num_classes == 1000                  # the preset is not touched
+    # The new head keeps the model's dtype: a bf16 model still runs after it
+    target.to(torch.bfloat16).reset_classifier(4)
+    assert target.fc.weight.dtype == torch.bfloat16
+    assert target(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).shape == (1, 4)

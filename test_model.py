@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import rope2d
-from model import (ATTENTION, CAT, CHOICES, PRESETS, CATConfig, CrossAxisAttention, PerformerAttention, SoftmaxAttention,
-                   config_from_dict, count_flops, cross_axis_attention, imprint_alpha)
+from model import (ATTENTION, CAT, CHOICES, PRESETS, SWIN_POS, CATConfig, CrossAxisAttention, PerformerAttention,
+                   SoftmaxAttention, config_from_dict, count_flops, cross_axis_attention, imprint_alpha)
 
 
 def small(**overrides):
@@ -275,12 +275,41 @@ def test_cat_coords_keep_the_aspect_ratio():
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_complex_and_real_rotations_agree(interleaved):
     x, angles = torch.randn(2, 3, 4, 5, 16), torch.randn(3, 4, 5, 8)
-    torch.testing.assert_close(rope2d.rotate(x, angles, interleaved), rope2d.rotate_real(x, angles, interleaved))
+    turns = torch.polar(torch.ones_like(angles), angles)
+    torch.testing.assert_close(rope2d.turn(x, turns, interleaved), rope2d.rotate(x, angles, interleaved))
     a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, -1)
     turned = rope2d.rotate(x, angles, interleaved)
     turned_a, turned_b = (turned[..., 0::2], turned[..., 1::2]) if interleaved else turned.chunk(2, -1)
     torch.testing.assert_close(turned_a, a * angles.cos() - b * angles.sin())    # the pairing, spelled out
     torch.testing.assert_close(turned_b, a * angles.sin() + b * angles.cos())
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotation_backward_is_the_derivative(interleaved):
+    """Rotation's closed-form backward, against finite differences in fp64 (gradcheck), with the angles broadcast
+    over the batch as in the model; and against autograd's backward of the real form in fp32."""
+    x = torch.randn(2, 3, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, t: rope2d.rotate(x, t, interleaved), (x, angles))
+    assert torch.autograd.gradgradcheck(lambda x, t: rope2d.rotate(x, t, interleaved), (x, angles))
+    x, angles = x.detach().float().requires_grad_(), angles.detach().float().requires_grad_()
+    grad = torch.randn(2, 3, 4, 5, 8)
+    a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, -1)
+    c, s = angles.cos(), angles.sin()
+    pairs = (a * c - b * s, a * s + b * c)
+    expected = torch.stack(pairs, -1).flatten(-2) if interleaved else torch.cat(pairs, -1)
+    want = torch.autograd.grad(expected, (x, angles), grad)
+    got = torch.autograd.grad(rope2d.rotate(x, angles, interleaved), (x, angles), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_learned_rotation_keeps_the_input_dtype_and_gives_fp32_angle_gradients():
+    rotary = rope2d.RotaryPosition("scaled", dim=64, heads=4, grid=6)
+    x = torch.randn(2, 4, 6, 6, 16).bfloat16().requires_grad_()
+    out = rotary(x)
+    out.float().square().sum().backward()
+    assert out.dtype == x.grad.dtype == torch.bfloat16 and rotary.mixed.freqs.grad.dtype == torch.float32
 
 
 def test_rotation_is_fp32_under_autocast():
@@ -533,6 +562,7 @@ def test_no_weight_decay_on_norms_biases_and_positions():
     (dict(depth=0), "depth"),
     (dict(dim=-8), "dim"),
     (dict(drop_path=1.5), "drop_path"),
+    (dict(attn="performer", performer_features=7, pos="mixed"), "performer_features must be even"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -541,6 +571,38 @@ def test_bad_config_names_the_field(overrides, field):
 
 def test_head_dim_of_six_is_fine_without_rotary():
     CAT(small(dim=24, heads=4, pos="ape"))
+
+
+def test_odd_performer_features_without_a_rotation_pair_are_fine():
+    for pos in ("ape", "cat_ref"):                       # cat_ref scales channels one by one
+        model = CAT(small(attn="performer", performer_features=7, pos=pos))
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("attn", ["cross_axis", "softmax"])
+def test_conv_stem_gives_the_same_grid_and_counts_its_flops(attn):
+    """stem='conv' (Xiao et al. 2021): log2(patch) stride-2 3x3 convolutions with BatchNorm and ReLU, widths
+    doubling up to D, then a 1x1 convolution; the blocks see the grid the patchify layer gives."""
+    patchify, conv = small(attn=attn, pos="ape"), small(attn=attn, pos="ape", stem="conv")
+    model = CAT(conv)
+    stem = model.patch_embed
+    assert [m.stride for m in stem if isinstance(m, nn.Conv2d)] == [(2, 2)] * 3 + [(1, 1)]     # patch 8
+    assert [m.out_channels for m in stem if isinstance(m, nn.Conv2d)] == [8, 16, 32, 32]
+    images = torch.randn(2, 3, 40, 24)
+    assert model.forward_features(images).shape == CAT(patchify).forward_features(images).shape == (2, 5, 3, 32)
+    model(images).sum().backward()
+    # FLOPs: the three 3x3 convolutions and the 1x1 one, 2 per multiply-add, per output position
+    grid = [16, 8, 4]
+    stem_flops = sum(2 * 9 * c_in * c_out * g * g for c_in, c_out, g in zip([3, 8, 16], [8, 16, 32], grid))
+    stem_flops += 2 * 32 * 32 * 4 * 4
+    assert count_flops(conv, 32) - count_flops(patchify, 32) == stem_flops - 2 * 3 * 64 * 32 * 16
+    for bad in (dict(patch=6, img_size=48), dict(patch=1), dict(attn="swin", pos="rpb")):
+        with pytest.raises(ValueError, match="stem='conv' needs a power-of-2 patch"):
+            small(stem="conv", **bad)
+
+
+def test_pos_lists_each_scheme_once():
+    assert len(CHOICES["pos"]) == len(set(CHOICES["pos"])) and set(CHOICES["pos"]) == set(rope2d.SCHEMES + SWIN_POS)
 
 
 def test_config_from_dict_refuses_unknown_fields():

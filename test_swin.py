@@ -171,11 +171,16 @@ def test_feature_api():
         assert model.forward_head(features, pre_logits=True).shape == (2, 64)
         maps = model.forward_intermediates(images)
         assert [m.shape for m in maps] == [(2, 16, 16, 12), (2, 32, 8, 6), (2, 64, 4, 3)]
-        torch.testing.assert_close(maps[-1], features.permute(0, 3, 1, 2))
-        last, = model.forward_intermediates(images, indices=[-1], output_fmt="NHWC")
-        torch.testing.assert_close(last, features)
-    with pytest.raises(ValueError, match="stage indices"):
-        model.forward_intermediates(images, indices=[3])
+        torch.testing.assert_close(model.norm(maps[-1].permute(0, 2, 3, 1)), features, rtol=0, atol=0)
+        # CAT's arguments: norm, an int for the last n, and the order of `indices`
+        last, = model.forward_intermediates(images, indices=[-1], output_fmt="NHWC", norm=True)
+        torch.testing.assert_close(last, features, rtol=0, atol=0)
+        assert all(torch.equal(a, b) for a, b in zip(model.forward_intermediates(images, 2), maps[1:]))
+        picked = model.forward_intermediates(images, [2, 0], norm=True)
+        assert torch.equal(picked[1], maps[0]) and torch.equal(picked[0].permute(0, 2, 3, 1), features)
+    for bad in ([3], 0, 4, [], [True]):
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_intermediates(images, indices=bad)
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(images, output_fmt="NDHWC")
 
@@ -243,3 +248,15 @@ def test_bf16_autocast(pos):
             low = model(images)
     assert torch.isfinite(low).all()
     torch.testing.assert_close(low.float(), exact, rtol=0.1, atol=0.1)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """--grad-checkpoint recomputes each Swin block in the backward pass: the same gradients (stochastic depth and
+    dropout draw the same masks twice), and fewer tensors kept."""
+    from test_backbone import assert_checkpointing_changes_memory_not_gradients, saved_tensors
+    torch.manual_seed(0)
+    plain = Swin(tiny("rpb+mixed", dropout=0.1, drop_path=0.3)).train()
+    checkpointed = Swin(tiny("rpb+mixed", dropout=0.1, drop_path=0.3, grad_checkpoint=True)).train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    assert_checkpointing_changes_memory_not_gradients(plain, checkpointed, images, labels)
+    assert saved_tensors(checkpointed.eval(), images) == saved_tensors(plain.eval(), images)
