@@ -23,15 +23,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
-from model import LINEAR_ABOVE, build_model, PRESETS, count_flops, cross_axis_attention
-from train import (PEAK_FLOPS, bf16_is_fast, device_name, fp32_means_fp32, keep_freed_memory, non_negative_int,
-                   positive_int)
+from model import LINEAR_ABOVE, PRESETS, build_model, count_flops, cross_axis_attention
+from runtime import (ArgumentParser, bf16_is_fast, device_name, fp32_means_fp32, keep_freed_memory, non_negative_int,
+                     peak_flops, positive_int)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bench.py", description=__doc__)
     parser.add_argument("--models", nargs="+", default=["cat-paper", "vit-paper", "performer-paper"],
                         choices=sorted(PRESETS), help="the first is compared with `vit-paper` (or the second)")
+    parser.add_argument("--pos", nargs="+", default=None, metavar="POS",
+                        help="time each model with each of these positional schemes, as rows MODEL/POS; the first "
+                             "pos is compared with the second (e.g. --models cat-tiny --pos cat scaled)")
     parser.add_argument("--res", type=positive_int, nargs="+", default=[224, 384, 768],
                         help="square resolutions (default 224 384 768)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 1 on CPU, 32 on CUDA")
@@ -58,7 +61,7 @@ def parse_args(argv=None):
                              "attention): the step's speed if nothing else took time")
     parser.add_argument("--smoke", action="store_true", help="tiny models at 32/64 px, one round: seconds")
     parser.add_argument("--os-allocator", action="store_true", help="CPU: leave glibc returning freed memory to "
-                        "the OS (default: keep it, see train.keep_freed_memory)")
+                        "the OS (default: keep it, see runtime.keep_freed_memory)")
     parser.add_argument("--json", default=None, help="write all results to this file")
     parser.add_argument("--plot", default=None, help="PNG of images/s and memory against resolution "
                         "(needs matplotlib; skipped without it)")
@@ -77,6 +80,12 @@ def parse_args(argv=None):
         for name in args.models:
             if res % PRESETS[name].patch:
                 parser.error(f"--res {res} is not divisible by the patch size {PRESETS[name].patch} of {name}")
+    for name in args.models:
+        for pos in args.pos or []:
+            try:
+                replace(PRESETS[name], pos=pos)
+            except ValueError as error:
+                parser.error(f"--pos {pos} for {name}: {error}")
     return args
 
 
@@ -112,7 +121,8 @@ def activation_bytes(run, model, images, autocast):
 
 def build(name, res, args, device):
     """(the timed callable, the module, its config): the model's forward, or forward_features with --features,
-    compiled with --compile. A name ending in +gc is the preset with gradient checkpointing."""
+    compiled with --compile. A name PRESET/POS is the preset with that pos; one ending in +gc has gradient
+    checkpointing."""
     if name == "timm-vit":
         import timm
         base = PRESETS["vit-paper"]
@@ -121,7 +131,9 @@ def build(name, res, args, device):
             mlp_ratio=base.mlp_ratio, num_classes=base.num_classes)
         config = base
     else:
-        config = replace(PRESETS[name.removesuffix("+gc")], img_size=res, grad_checkpoint=name.endswith("+gc"))
+        preset, _, pos = name.removesuffix("+gc").partition("/")
+        config = replace(PRESETS[preset], img_size=res, grad_checkpoint=name.endswith("+gc"),
+                         **({"pos": pos} if pos else {}))
         model = build_model(config)
     model = model.to(device)
     run = model.forward_features if args.features else model
@@ -204,9 +216,8 @@ def benchmark(args, matmul_peak=None):
     else against matmul_peak (the measured matmul rate of the dtype the models run in)."""
     device = torch.device(args.device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
-                matmul_peak)
-    names = [*args.models, *([f"{name}+gc" for name in args.models] if args.grad_checkpoint else [])]
+    peak = peak_flops(device) or matmul_peak
+    names = [*model_names(args), *([f"{name}+gc" for name in model_names(args)] if args.grad_checkpoint else [])]
     if args.timm:
         try:
             import timm  # noqa: F401
@@ -276,6 +287,11 @@ def benchmark(args, matmul_peak=None):
                       f"{100 * row['kernel_share']:.0f}% of it{ceiling}", flush=True)
         del built
     return rows
+
+
+def model_names(args):
+    """The rows' names: the models, or with --pos each model with each pos (MODEL/POS)."""
+    return [f"{name}/{pos}" for name in args.models for pos in args.pos] if args.pos else args.models
 
 
 def raw_params(model):
@@ -353,8 +369,9 @@ def main(argv=None):
                                                             for name, rate in rates.items()))
     print(HEADER)
     rows = benchmark(args, rates["bf16" if args.amp else "fp32"])
-    fast = args.models[0]
-    slow = "vit-paper" if "vit-paper" in args.models[1:] else args.models[1] if len(args.models) > 1 else None
+    names = model_names(args)
+    fast = names[0]
+    slow = "vit-paper" if "vit-paper" in names[1:] else names[1] if len(names) > 1 else None
     result = {"device": where, "args": vars(args), "matmul_flops_per_s": rates, "rows": rows}
     if slow:
         result["ratios"] = ratios(rows, fast, slow)
@@ -367,7 +384,8 @@ def main(argv=None):
     print("\ncost exponent (seconds per image ~ tokens^e, fwd+bwd): " +
           ", ".join(f"{name} {e:.2f}" for name, e in sorted(result["exponents"].items()) if e is not None))
     if args.crossover_widths:
-        base = PRESETS[fast] if PRESETS[fast].attn == "cross_axis" else PRESETS["cat-paper"]
+        base = PRESETS[args.models[0]]
+        base = base if base.attn == "cross_axis" else PRESETS["cat-paper"]
         result["crossover"] = crossover(args.crossover_widths, base.head_dim, base.heads, device,
                                         max(args.iters, 3), 1)
         print(f"\ncross-axis forms, fwd+bwd ms on a W x W grid, {base.heads} heads of dim {base.head_dim}:")

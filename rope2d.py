@@ -12,9 +12,10 @@ depends only on the offset between two tokens:
 Absolute: `ape`, a learned table for the training grid, resized bicubically for other grids.
 Combinations: `ape+cat`, `ape+axial`, `ape+mixed`; and `none`.
 
-Everything here is computed in fp32, also under autocast, and at any grid size.
+Everything here is computed in fp32 (fp64 stays fp64), also under autocast, and at any grid size.
 """
 import math
+import warnings
 from functools import lru_cache
 
 import torch
@@ -22,6 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROTARY = ("cat", "cat_ref", "axial", "mixed", "scaled")
+# torch.compile leaves the complex multiplications of Rotation to the eager kernel, the fast choice here
+# (docs/benchmarks.md); its warning that this may be slower than eager does not apply.
+warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex operators")
 SCHEMES = ("none", "ape", *ROTARY, "ape+cat", "ape+axial", "ape+mixed")
 
 
@@ -139,37 +143,73 @@ def cat_ref_scale(H, W, head_dim, device=None):
 # Applying them.
 
 def rotate(x, angles, interleaved):
-    """Turn channel pairs of x (..., c) by angles (..., c/2), in fp32.
+    """Turn channel pairs of x (..., c) by angles (..., c/2), broadcast over x's leading dims, in fp32 (fp64 stays
+    fp64); the result has x's dtype.
 
-    interleaved=False pairs channel i with i + c/2 ("rotate half", `cat`); True pairs 2i with 2i+1
-    (complex numbers, RoPE-ViT's `axial` and `mixed`). Eager mode multiplies complex numbers (about 2x faster
-    on CPU than the real form: one pass instead of six); torch.compile gets the real form, which it fuses.
+    interleaved=False pairs channel i with i + c/2 ("rotate half", `cat`); True pairs 2i with 2i+1 (RoPE-ViT's
+    `axial` and `mixed`). A pair (a, b) is the complex number a + ib, turned by multiplying it with e^(it).
     """
-    if torch.compiler.is_compiling():
-        return rotate_real(x, angles, interleaved)
-    return turn(x, torch.polar(torch.ones_like(angles), angles), interleaved)
+    # Exported programs hold no complex tensors; and for fixed angles torch.compile fuses the real form into what
+    # surrounds it, faster than a complex multiplication. Learned angles go through Rotation.
+    if torch.compiler.is_exporting() or (torch.compiler.is_compiling() and not angles.requires_grad):
+        a, b = pairs(at_least_fp32(x), interleaved)
+        a, b = a * angles.cos() - b * angles.sin(), a * angles.sin() + b * angles.cos()
+        return (torch.stack([a, b], -1).flatten(-2) if interleaved else torch.cat([a, b], -1)).type_as(x)
+    return Rotation.apply(x, angles, interleaved)
+
+
+class Rotation(torch.autograd.Function):
+    """rotate() for angles that learn: forward and backward each one complex multiplication. Turning is
+    orthogonal, so x's gradient is the incoming one turned back, g e^(-it); and the angle's is Im(conj(z) g e^(-it))
+    for the pair z = a + ib, summed over the dims the angles were broadcast along (the batch). The arithmetic stays
+    complex under torch.compile too: inductor leaves it to the eager kernel, which beats the code it generates for
+    the real form on strided (2i, 2i+1) pairs. With autograd's backward of that real form, the learned angles of
+    `mixed` and `scaled` made a compiled training step 1.22x `cat`'s; with this one, 1.04x (docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(x, angles, interleaved):
+        return turn(x, torch.polar(torch.ones_like(angles), angles), interleaved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, angles, ctx.interleaved = inputs
+        ctx.save_for_backward(x if angles.requires_grad else None, angles)     # Swin's axial: no angle gradient
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, angles = ctx.saved_tensors
+        back = torch.polar(torch.ones_like(angles), -angles)
+        grad_z = as_complex(at_least_fp32(grad.contiguous()), ctx.interleaved) * back      # x's gradient, complex
+        grad_angles = None
+        if ctx.needs_input_grad[1]:
+            z = as_complex(at_least_fp32(x), ctx.interleaved)
+            grad_angles = (z.conj() * grad_z).imag.sum_to_size(angles.shape)
+        return as_real(grad_z, ctx.interleaved).type_as(grad), grad_angles, None
 
 
 def turn(x, turns, interleaved):
-    """rotate() with the unit complex numbers e^(i angle) given."""
-    xf = x.float()
-    if interleaved:
-        turned = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * turns
-        return torch.view_as_real(turned).flatten(-2).type_as(x)
-    a, b = xf.chunk(2, -1)
-    turned = torch.complex(a, b) * turns
-    return torch.view_as_real(turned).transpose(-1, -2).flatten(-2).type_as(x)
+    """x's pairs turned by unit complex numbers e^(it) (turns, (..., c/2)), in x's dtype."""
+    return as_real(as_complex(at_least_fp32(x), interleaved) * turns, interleaved).type_as(x)
 
 
-def rotate_real(x, angles, interleaved):
-    """rotate() in real arithmetic: (a, b) -> (a cos - b sin, a sin + b cos)."""
-    cos, sin = angles.cos(), angles.sin()
-    xf = x.float()
-    if interleaved:
-        a, b = xf[..., 0::2], xf[..., 1::2]
-        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).type_as(x)
-    a, b = xf.chunk(2, -1)
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], -1).type_as(x)
+def as_complex(x, interleaved):
+    """(..., c) real -> (..., c/2) complex, one number per rotation pair (a view where the pairs are adjacent)."""
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2))) if interleaved else torch.complex(*x.chunk(2, -1))
+
+
+def as_real(z, interleaved):
+    """Inverse of as_complex."""
+    pairs_last = torch.view_as_real(z)                                         # (..., c/2, 2)
+    return pairs_last.flatten(-2) if interleaved else pairs_last.transpose(-1, -2).flatten(-2)
+
+
+def pairs(x, interleaved):
+    """x (..., c) -> the two halves (a, b) of its rotation pairs, (..., c/2) each."""
+    return x.unflatten(-1, (-1, 2)).unbind(-1) if interleaved else x.chunk(2, -1)
+
+
+def at_least_fp32(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def fit_channels(table, channels, cls_column, pad_value):
@@ -228,7 +268,7 @@ class RotaryPosition(nn.Module):
             scale = fit_channels(cat_ref_scale(H, W, self.head_dim, x.device), x.shape[-1], cls_column, 1.0)
             return (x.float() * scale).type_as(x)
         interleaved = self.scheme != "cat"
-        if self.mixed is None and not torch.compiler.is_compiling():
+        if self.mixed is None and not torch.compiler.is_compiling():     # eager: a table computed once
             turns = fixed_turns(self.scheme, self.dim, self.heads, H, W, x.shape[-1], cls_column, x.device)
             return turn(x, turns, interleaved)
         angles = fit_channels(self.angles(H, W, x.device), x.shape[-1] // 2, cls_column, 0.0)
