@@ -142,9 +142,13 @@ FINE_TUNE_MAY_CHANGE = {"num_classes", "img_size", "dropout", "drop_path", "grad
 def architecture_changes(config, wanted):
     """['--dim 64 (was 32)', ...] for the fields of `wanted` ({field: value}) that differ from `config` (a dict)."""
     config = asdict(config_from_dict(config))                   # fields added since it was written: defaults
-    flag = {"img_size": "res"}
-    return [f"--{flag.get(name, name).replace('_', '-')} {value} (was {config[name]})"
+    return [changed_flag({"img_size": "res"}.get(name, name), value, config[name])
             for name, value in wanted.items() if config[name] != value]
+
+
+def changed_flag(name, value, was):
+    """'--dim 64 (was 32)': a flag (by its dest name) that differs from what the run or checkpoint had."""
+    return f"--{name.replace('_', '-')} {value} (was {was})"
 
 
 def class_map(trained, found, where, exact=False):
@@ -266,7 +270,7 @@ def take_run_flags(args, saved, defaults):
         if name not in args.given:
             setattr(args, name, was)
         elif name not in RESUME_MAY_CHANGE and getattr(args, name) != was:
-            changed.append(f"--{name.replace('_', '-')} {getattr(args, name)} (was {was})")
+            changed.append(changed_flag(name, getattr(args, name), was))
     return changed
 
 
@@ -315,7 +319,7 @@ def check_resumable(state, classes, args, parser, world):
     if saved_world != world:
         return fit_batch_to_world(saved, saved_world, args, world)
     if images_per_step(vars(args), world) != images_per_step(saved, saved_world):
-        changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (was {saved[name]})"
+        changed = [changed_flag(name, getattr(args, name), saved[name])
                    for name in ("batch_size", "accum") if getattr(args, name) != saved[name]]
         parser.error(f"{refusal(changed)} {os.path.join(args.out_dir, 'ckpt.pt')}")
     return None

@@ -335,15 +335,12 @@ def check_image_folder(root, split):
     layout = f"imagefolder expects {root}/train/CLASS/* and {root}/val/CLASS/*"
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist: {layout}")
-    class_names = {}
-    for name in SPLITS:
-        split_dir = root / name
-        if split_dir.is_dir():
-            class_names[name] = {entry.name for entry in os.scandir(split_dir) if entry.is_dir()}
-        if name == split and not split_dir.is_dir():
-            raise FileNotFoundError(f"{split_dir} is missing: {layout}")
-        if name == split and not class_names[name]:
-            raise FileNotFoundError(f"{split_dir} has no class folders: {layout}")
+    if not (root / split).is_dir():
+        raise FileNotFoundError(f"{root / split} is missing: {layout}")
+    class_names = {name: {entry.name for entry in os.scandir(root / name) if entry.is_dir()}
+                   for name in SPLITS if (root / name).is_dir()}
+    if not class_names[split]:
+        raise FileNotFoundError(f"{root / split} has no class folders: {layout}")
     if all(class_names.get(name) for name in SPLITS) and class_names["train"] != class_names["val"]:
         only_train = sorted(class_names["train"] - class_names["val"])
         only_val = sorted(class_names["val"] - class_names["train"])

@@ -97,7 +97,9 @@ def main(argv=None):
                                              seed=trained.get("seed", 0))
             except (ValueError, FileNotFoundError, NotADirectoryError) as error:
                 parser.error(str(error))
-            label_map = check_classes(state, dataset, f"{root}/val" if name == "imagefolder" else name, parser)
+            if res == resolutions[0]:                     # the same classes at every resolution
+                label_map = check_classes(state, dataset, f"{root}/val" if name == "imagefolder" else name, parser,
+                                          rank == 0)
             loader = eval_loader(dataset, args.batch_size, device, workers, rank, world)
             metrics = evaluate(model, loader, device, amp, world, progress=rank == 0, label_map=label_map)
             rows.append({"res": res, **metrics, "gflops": count_flops(config, res) / 1e9,
@@ -116,7 +118,7 @@ def main(argv=None):
     return rows
 
 
-def check_classes(state, dataset, where, parser):
+def check_classes(state, dataset, where, parser, is_main):
     """class_map of the checkpoint's classes and the data's; says when it maps by name, refuses other classes."""
     trained = state.get("classes")
     if trained is None:                                      # written without names: the count must do
@@ -128,7 +130,7 @@ def check_classes(state, dataset, where, parser):
         label_map = class_map(trained, dataset.classes, where)
     except ValueError as error:
         parser.error(f"{error}: not the classes {state.get('args', {}).get('data_dir', 'the checkpoint')} trained on")
-    if label_map is not None and int(os.environ.get("RANK", 0)) == 0:
+    if label_map is not None and is_main:
         print(f"note: the {len(dataset.classes)} classes of {where} are matched to the checkpoint's {len(trained)} "
               f"by name (they come in another order, or are a subset)")
     return label_map

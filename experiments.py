@@ -100,14 +100,12 @@ def plan(seeds):
         if i >= 2:
             continue                            # 2 seeds for everything below
         rotaries = groups.setdefault((i, 1), {})
+        at_80 = [*RECIPE, "--data-dir", DATA, "--res", str(ROTARY_RES), "--epochs", str(EPOCHS), *FINAL_EVAL_ONLY]
         for pos in ROTARIES:
-            rotaries[f"rotary-{pos}-s{seed}"] = ([*RECIPE, "--data-dir", DATA, "--res", str(ROTARY_RES), "--epochs",
-                                                 str(EPOCHS), *FINAL_EVAL_ONLY, *cat_tiny(pos), *s], ROTARY_EVAL)
+            rotaries[f"rotary-{pos}-s{seed}"] = ([*at_80, *cat_tiny(pos), *s], ROTARY_EVAL)
             rotaries[f"shapes-{pos}-s{seed}"] = ([*SHAPES, *cat_tiny(pos), *s], [])
         for pos in VIT_ROTARIES:
-            rotaries[f"vit-rotary-{pos}-s{seed}"] = ([*RECIPE, "--data-dir", DATA, "--res", str(ROTARY_RES), "--epochs",
-                                                     str(EPOCHS), *FINAL_EVAL_ONLY, "--model", "vit-tiny", "--pos", pos,
-                                                     *s], ROTARY_EVAL)
+            rotaries[f"vit-rotary-{pos}-s{seed}"] = ([*at_80, "--model", "vit-tiny", "--pos", pos, *s], ROTARY_EVAL)
         short, tenth = [*recipe, "--epochs", str(SHORT), *FINAL_EVAL_ONLY], groups.setdefault((i, 3), {})
         tenth[f"vit-tiny-e{SHORT}-s{seed}"] = ([*short, "--model", "vit-tiny", *s], [RES])
         for label, flags in TABLE4_FLAGS.items():

@@ -152,8 +152,8 @@ def rotate(x, angles, interleaved):
     # Exported programs hold no complex tensors; and for fixed angles torch.compile fuses the real form into what
     # surrounds it, faster than a complex multiplication. Learned angles go through Rotation.
     if torch.compiler.is_exporting() or (torch.compiler.is_compiling() and not angles.requires_grad):
-        a, b = pairs(at_least_fp32(x), interleaved)
-        a, b = a * angles.cos() - b * angles.sin(), a * angles.sin() + b * angles.cos()
+        (a, b), cos, sin = pairs(at_least_fp32(x), interleaved), angles.cos(), angles.sin()
+        a, b = a * cos - b * sin, a * sin + b * cos
         return (torch.stack([a, b], -1).flatten(-2) if interleaved else torch.cat([a, b], -1)).type_as(x)
     return Rotation.apply(x, angles, interleaved)
 
