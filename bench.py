@@ -1,4 +1,4 @@
-"""Speed, memory and FLOPs of CAT against the ViT and Performer baselines (SPEC 8).
+"""Speed, memory and FLOPs of CAT against the ViT and Performer baselines (docs/benchmarks.md).
 
     python bench.py                  # paper-size models at 224/384/768 px; CPU: batch 1; CUDA: bf16 + compile, batch 32
     python bench.py --smoke                                # seconds: tiny models, small images
@@ -30,13 +30,14 @@ from runtime import (ArgumentParser, bf16_is_fast, device_name, fp32_means_fp32,
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="bench.py", description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["cat-paper", "vit-paper", "performer-paper"],
-                        choices=sorted(PRESETS), help="the first is compared with `vit-paper` (or the second)")
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(PRESETS),
+                        help="the first is compared with `vit-paper` (or the second) (default: cat-paper vit-paper "
+                             "performer-paper; with --smoke their tiny versions)")
     parser.add_argument("--pos", nargs="+", default=None, metavar="POS",
                         help="time each model with each of these positional schemes, as rows MODEL/POS; the first "
                              "pos is compared with the second (e.g. --models cat-tiny --pos cat scaled)")
-    parser.add_argument("--res", type=positive_int, nargs="+", default=[224, 384, 768],
-                        help="square resolutions (default 224 384 768)")
+    parser.add_argument("--res", type=positive_int, nargs="+", default=None,
+                        help="square resolutions (default 224 384 768; with --smoke 32 64)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 1 on CPU, 32 on CUDA")
     parser.add_argument("--iters", type=positive_int, default=None,
                         help="least timed rounds (default: 2 on CPU, 20 on CUDA)")
@@ -59,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--kernel-ceiling", action="store_true",
                         help="also time the FLOP kernels of each training step alone (matmuls, convolutions, "
                              "attention): the step's speed if nothing else took time")
-    parser.add_argument("--smoke", action="store_true", help="tiny models at 32/64 px, one round: seconds")
+    parser.add_argument("--smoke", action="store_true", help="one round, a short matmul probe, by default tiny "
+                        "models at 32/64 px: seconds")
     parser.add_argument("--os-allocator", action="store_true", help="CPU: leave glibc returning freed memory to "
                         "the OS (default: keep it, see runtime.keep_freed_memory)")
     parser.add_argument("--json", default=None, help="write all results to this file")
@@ -68,9 +70,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     cpu = args.device == "cpu"
     if args.smoke:
-        args.models, args.res, args.iters, args.warmup = ["cat-tiny", "vit-tiny", "performer-tiny"], [32, 64], 1, 0
-        args.min_seconds = 0
+        args.models = args.models or ["cat-tiny", "vit-tiny", "performer-tiny"]
+        args.res, args.iters, args.warmup, args.min_seconds = args.res or [32, 64], 1, 0, 0
         args.crossover_widths = [4, 8, 16] if args.crossover_widths else []
+    args.models = args.models or ["cat-paper", "vit-paper", "performer-paper"]
+    args.res = args.res or [224, 384, 768]
     args.batch_size = args.batch_size or (1 if cpu else 32)
     args.iters = args.iters or (2 if cpu else 20)
     args.min_seconds = (10 if cpu else 2) if args.min_seconds is None else args.min_seconds

@@ -161,18 +161,20 @@ def class_map(trained, found, where, exact=False):
         return None
     unknown = [name for name in found if name not in trained]
     if unknown or exact:
-        what = (f"{len(unknown)} classes that are not the expected ones ({', '.join(unknown[:3])}"
-                f"{', ...' * (len(unknown) > 3)})" if unknown else "the expected classes in another order or a subset")
+        one = len(unknown) == 1
+        what = (f"{len(unknown)} {'class that is not an expected one' if one else 'classes that are not expected ones'}"
+                f" ({', '.join(unknown[:3])}{', ...' * (len(unknown) > 3)})" if unknown
+                else "the expected classes in another order or a subset")
         raise ValueError(f"{where} has {what}; expected {len(trained)}: {', '.join(trained[:4])}"
                          f"{', ...' * (len(trained) > 4)}")
     return torch.tensor([trained.index(name) for name in found])
 
 
-def fine_tuning_weights(path, model, classes, new_head=False):
-    """(weights, what was loaded) of checkpoint `path` for `model`, which was built from its config for a run on
-    `classes`: the EMA weights if it has them; its head only if it was trained on the same classes, in the same
-    order, and not new_head; a learned position table resized to the new grid (rotaries need nothing)."""
-    state = load_checkpoint(path)
+def fine_tuning_weights(state, path, model, classes, new_head=False):
+    """(weights, what was loaded) of checkpoint `state` (read from `path`) for `model`, which was built from its
+    config for a run on `classes`: the EMA weights if it has them; its head only if it was trained on the same
+    classes, in the same order, and not new_head; a learned position table resized to the new grid (rotaries need
+    nothing)."""
     source = model_from_checkpoint(state, path)
     weights = source.state_dict()
     which = "EMA weights" if state.get("ema") is not None else "weights (no EMA in it)"
@@ -194,21 +196,29 @@ def fine_tuning_weights(path, model, classes, new_head=False):
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "run.json", "tb")    # and ckpt-STEP.pt: what a run writes
 
 
-def claim_out_dir(args, parser, resuming, is_main):
-    """A new run never writes over another run's files: refuse, or with --overwrite delete them first.
-    --resume auto that found no checkpoint starts over what its own earlier attempt left."""
+def files_to_clear(args, parser, resuming):
+    """A new run never writes over another run's files: refuse, or with --overwrite name them for clear_out_dir
+    (which deletes them only once every start-up check has passed). --resume auto that found no checkpoint starts
+    over what its own earlier attempt left. A --init-from checkpoint in the folder to clear is refused."""
     found = [n for n in os.listdir(args.out_dir) if n in RUN_FILES or n.startswith("ckpt-")] \
         if os.path.isdir(args.out_dir) else []
     if resuming or not found:
-        return
+        return []
     if not (args.overwrite or args.resume == "auto"):
         parser.error(f"--out-dir {args.out_dir} holds another run ({', '.join(sorted(found))}). Continue it with "
                      f"`python train.py --out-dir {args.out_dir} --resume`, start over there with --overwrite, or "
                      f"choose another --out-dir")
-    if is_main:
-        for name in found:
-            path = os.path.join(args.out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if args.init_from and os.path.realpath(args.init_from) in {os.path.realpath(os.path.join(args.out_dir, name))
+                                                                for name in found}:
+        parser.error(f"--init-from {args.init_from} is inside --out-dir {args.out_dir}, whose run files a new run "
+                     f"there deletes: copy the checkpoint elsewhere first, or choose another --out-dir")
+    return found
+
+
+def clear_out_dir(out_dir, names):
+    for name in names:
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def check_out_dir(out_dir, checkpoint_bytes, copies):
@@ -237,16 +247,17 @@ RESUME_MAY_CHANGE = {"data_dir", "download", "strict_images", "workers", "compil
                      "tensorboard", "given", "res", "batch_size", "accum", *MODEL_HELP}
 
 
-def starting_point(args, parser, warn):
-    """(state, path, base, may_change): the run's own checkpoint (--resume) or another's (--init-from) or none,
-    and the model to build on. --resume sets every flag not typed to the run's own value (the parser's default
-    for a flag added since)."""
+def load_starting_point(args, parser, warn):
+    """(state, path, source, base, may_change): the checkpoint the run starts from, read once: its own (--resume,
+    `state` read from `path`), another run's (--init-from, `source`) or none; and the model to build on. Sets flags
+    from it: --resume every flag not typed to the run's own value (the parser's default for a flag added since),
+    --init-from --model to the checkpoint's."""
     state, path = checkpoint_to_resume(args, parser, warn)
     if state is not None:
         changed = take_run_flags(args, state["args"], vars(parser.parse_args([])))
         if changed:
-            parser.error(f"{path}: {refusal(changed)} {path}")
-        return state, path, config_from_dict(state["config"]), {"grad_checkpoint"}   # memory, not weights
+            parser.error(f"{path}: {refusal(changed, path)}")
+        return state, path, None, config_from_dict(state["config"]), {"grad_checkpoint"}   # memory, not weights
     if args.init_from:
         try:
             source = load_checkpoint(args.init_from)
@@ -257,8 +268,8 @@ def starting_point(args, parser, warn):
         elif args.model != source["args"].get("model"):
             parser.error(f"--model {args.model} (the checkpoint's is {source['args'].get('model')}): with --init-from "
                          f"the model comes from the checkpoint")
-        return None, None, config_from_dict(source["config"]), FINE_TUNE_MAY_CHANGE
-    return None, None, PRESETS[args.model], None
+        return None, None, source, config_from_dict(source["config"]), FINE_TUNE_MAY_CHANGE
+    return None, None, None, PRESETS[args.model], None
 
 
 def take_run_flags(args, saved, defaults):
@@ -307,28 +318,35 @@ def checkpoint_to_resume(args, parser, warn):
     return state, path
 
 
-def check_resumable(state, classes, args, parser, world):
-    """Refuse data with other classes. On another number of processes, fit the batch (fit_batch_to_world);
-    otherwise --batch-size and --accum may change only when their product stays. -> the note on the changed world
-    size for the log, or None."""
+def check_same_classes(state, classes, args, parser):
+    """Refuse to resume a run on data with other classes."""
     try:
         class_map(state["classes"], classes, f"{args.data_dir}/train", exact=True)
     except ValueError as error:
         parser.error(f"the run was trained on other classes: {error}")
+
+
+def keep_images_per_step(state, args, parser, world):
+    """Resuming: on another number of processes, fit the batch (fit_batch_to_world sets --accum); otherwise
+    --batch-size and --accum may change only when their product stays. -> the note on the changed world size for
+    the log, or None."""
     saved, saved_world = state["args"], state["world_size"]
     if saved_world != world:
         return fit_batch_to_world(saved, saved_world, args, world)
     if images_per_step(vars(args), world) != images_per_step(saved, saved_world):
         changed = [changed_flag(name, getattr(args, name), saved[name])
                    for name in ("batch_size", "accum") if getattr(args, name) != saved[name]]
-        parser.error(f"{refusal(changed)} {os.path.join(args.out_dir, 'ckpt.pt')}")
+        parser.error(refusal(changed, os.path.join(args.out_dir, "ckpt.pt")))
     return None
 
 
-def refusal(changed):
+def refusal(changed, path):
+    if any(change.startswith("--model ") for change in changed):       # --init-from keeps the model too
+        return (f"the run's weights fit only its own model: {', '.join(changed)}. Leave --model out to continue "
+                f"it, or train the other model as a new run in another --out-dir")
     return (f"the run was trained with other values of flags that set the schedule or the data: {', '.join(changed)}. "
             f"Leave them out to continue with the run's own; to train on from its weights with a new schedule, "
-            f"start a new run with --init-from")
+            f"start a new run with --init-from {path}")
 
 
 def check_same_start(step, world):
@@ -379,6 +397,16 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def board_scalars(record):
+    """TensorBoard's tags of a metrics line: an evaluation's as val/top1, val/ema_top1, ...; a log step's as
+    train/loss, train/lr, ..."""
+    numbers = {name: value for name, value in record.items() if name not in ("step", "epoch", "epochs_done")
+               and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if "val_top1" in record:
+        return {f"val/{name.replace('val_', '')}": value for name, value in numbers.items() if "val_" in name}
+    return {f"train/{name}": value for name, value in numbers.items()}
+
+
 class RunFiles:
     """What a run writes into OUT_DIR. Every process calls save (it gathers their random states); rank 0 writes:
         ckpt.pt, ckpt-STEP.pt, best.pt   the checkpoints (save_latest)
@@ -387,7 +415,7 @@ class RunFiles:
         tb/                              with --tensorboard, the same scalars for TensorBoard
     A resumed run first drops the lines of the steps it is about to redo."""
 
-    def __init__(self, args, is_main, resumed_from, step):
+    def __init__(self, args, is_main, resumed_from, step, warn):
         self.args, self.on, self.board = args, is_main, None
         self.ckpt, self.best = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "best.pt")
         self.metrics = os.path.join(args.out_dir, "metrics.jsonl")
@@ -397,16 +425,32 @@ class RunFiles:
         if not is_main:
             return
         if resumed_from and os.path.exists(self.metrics):
-            with open(self.metrics) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= step]
-            with open(self.metrics, "w") as f:
-                f.writelines(kept)
+            self.keep_lines_up_to(step, warn)
         if args.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard")
             self.board = SummaryWriter(os.path.join(args.out_dir, "tb"), purge_step=step + 1 if resumed_from else None)
+
+    def keep_lines_up_to(self, step, warn):
+        """Drop the lines of the steps after `step` (a resume redoes them) and a last line that a full disk left
+        half written; the file is replaced atomically."""
+        with open(self.metrics) as f:
+            lines = f.read().splitlines(keepends=True)
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append((json.loads(line), line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise CheckpointError(f"{self.metrics}: line {i + 1} is not JSON") from None
+                warn(f"warning: {self.metrics}: dropped a partly written last line ({line.strip()[:40]}...)")
+        tmp = f"{self.metrics}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n"
+                         for record, line in records if record.get("step", 0) <= step)
+        os.replace(tmp, self.metrics)
 
     def start(self, config, record):
         if self.on:
@@ -419,10 +463,9 @@ class RunFiles:
             return
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for name, value in record.items():
-                if name not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.board.add_scalar(name, value, record["step"])
+        if self.board is not None and record.get("event") != "start":     # the start's constants are no curves
+            for tag, value in board_scalars(record).items():
+                self.board.add_scalar(tag, value, record["step"])
             self.board.flush()
 
     def save(self, snapshot, model, world, latest=True, best=False):

@@ -330,9 +330,10 @@ def to_rgb(image):
 
 def check_image_folder(root, split):
     """Check the ImageNet layout ROOT/{train,val}/CLASS/* by folder names only; -> the split's folder. Only the
-    split asked for must exist (eval.py needs no train folder); where both do, their class names must agree."""
+    split asked for must exist, and only it is named in an error (eval.py needs no train folder); for training
+    (split train) both must have the same class names."""
     root = Path(root)
-    layout = f"imagefolder expects {root}/train/CLASS/* and {root}/val/CLASS/*"
+    layout = f"imagefolder expects {root}/{split}/CLASS/*" + (f" and {root}/val/CLASS/*" if split == "train" else "")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist: {layout}")
     if not (root / split).is_dir():
@@ -341,7 +342,7 @@ def check_image_folder(root, split):
                    for name in SPLITS if (root / name).is_dir()}
     if not class_names[split]:
         raise FileNotFoundError(f"{root / split} has no class folders: {layout}")
-    if all(class_names.get(name) for name in SPLITS) and class_names["train"] != class_names["val"]:
+    if split == "train" and class_names.get("val") and class_names["train"] != class_names["val"]:
         only_train = sorted(class_names["train"] - class_names["val"])
         only_val = sorted(class_names["val"] - class_names["train"])
         raise ValueError(f"train and val classes differ under {root}: only in train: {_short(only_train)}; "

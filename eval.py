@@ -19,15 +19,15 @@ from dataclasses import asdict, replace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
 from checkpoint import CheckpointError, class_map, load_checkpoint, model_from_checkpoint
 from model import PRESETS, config_from_dict, count_flops
-from runtime import (ArgumentParser, add_model_flags, all_sum, autocast, default_workers, in_flag_terms,
-                     model_overrides, non_negative_int, positive_int, setup_device, use_bf16,
-                     workers_leave_signals_to_the_trainer)
+from runtime import (ArgumentParser, add_model_flags, all_sum, autocast, compute_threads, default_workers,
+                     in_flag_terms, model_overrides, non_negative_int, positive_int, setup_device,
+                     signal_safe_loader, unused_model_flags, use_bf16)
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "cat-tiny-shapes", "ckpt.pt")   # where the default run writes
 
@@ -61,6 +61,10 @@ def build(args, parser):
         state = load_checkpoint(args.ckpt)
         config = config_from_dict(state["config"])
         overrides = model_overrides(args)
+        model_name = args.model or state.get("args", {}).get("model", "the checkpoint")
+        unused = unused_model_flags(overrides, PRESETS[args.model] if args.model else config, model_name)
+        if unused:
+            parser.error(unused[0])
         if args.model:
             config = replace(PRESETS[args.model], img_size=config.img_size, num_classes=config.num_classes)
         if overrides or args.model:
@@ -81,13 +85,17 @@ def main(argv=None):
     resolutions = args.res or [config.img_size]
     bad = [r for r in resolutions if r % config.patch]
     if bad:
-        parser.error(f"--res {' '.join(map(str, bad))} not divisible by the patch size {config.patch}")
+        nearest = ", ".join(f"{r // config.patch * config.patch} or {(r // config.patch + 1) * config.patch}"
+                            for r in bad)
+        parser.error(f"--res {' '.join(map(str, bad))} not divisible by the patch size {config.patch} (the nearest: "
+                     f"{nearest})")
     name = args.data or trained.get("data", "shapes")
     root = args.data_dir or trained.get("data_dir", "data")
 
     rank, world, device = setup_device()
     amp = use_bf16(args.amp, device, lambda text: print(text, file=sys.stderr) if rank == 0 else None)
     workers = default_workers(device) if args.workers is None else args.workers
+    torch.set_num_threads(compute_threads(workers))
     model.to(device)
     rows = []
     try:
@@ -137,10 +145,12 @@ def check_classes(state, dataset, where, parser, is_main):
 
 
 def eval_loader(dataset, batch_size, device, workers=0, rank=0, world=1):
-    """Every world-th image of `dataset` for this process, in order; workers persist between evaluations."""
+    """Every world-th image of `dataset` for this process, in order; workers persist between evaluations. Its own
+    generator: the workers' seed must not be drawn from (and shift) the global one, which a training run's dropout
+    and MixUp draw from: a run resumed after a validation would differ from one that was never stopped."""
     shard = Subset(dataset, range(rank, len(dataset), world))
-    return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=workers_leave_signals_to_the_trainer, persistent_workers=workers > 0)
+    return signal_safe_loader(shard, workers, batch_size=batch_size, pin_memory=device.type == "cuda",
+                              generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -177,13 +187,13 @@ def evaluate(model, loader, device, amp, world=1, progress=False, label_map=None
 
 
 def format_table(rows):
-    """One line per resolution; `images` counts the val images scored, `left out` the unreadable ones."""
-    header = (f"{'res':>5} {'top-1':>7} {'top-5':>7} {'loss':>7} {'images':>7} {'left out':>8} {'img/s':>8} "
+    """One line per resolution; `images` counts the val images scored, `unreadable` the files left out."""
+    header = (f"{'res':>5} {'top-1':>7} {'top-5':>7} {'loss':>7} {'images':>7} {'unreadable':>10} {'img/s':>8} "
               f"{'GFLOPs':>8} {'params':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['res']:>5} {r['top1']:>6.2f}% {r['top5']:>6.2f}% {r['loss']:>7.4f} {r['images']:>7} "
-                     f"{r['left_out']:>8} {r['images_per_s']:>8.1f} {r['gflops']:>8.3f} {r['params_m']:>7.2f}M")
+                     f"{r['left_out']:>10} {r['images_per_s']:>8.1f} {r['gflops']:>8.3f} {r['params_m']:>7.2f}M")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ the 2D rotaries across resolutions, and the paper's 10-epoch headline.
     python experiments.py --runs cat-tiny-s0   # some runs only (by name; --list shows them all)
     python experiments.py --commit             # commit the results file after each run (for long sweeps)
     python experiments.py --report             # the tables and plots from the results file only
+    python experiments.py --data-dir DIR       # Imagenette elsewhere (docs/training.md: making imagenette-160)
 
 Each run is `python train.py ...` into runs/imagenette/NAME, then `python eval.py` there at its resolutions. A
 finished run's figures go into --json (assets/imagenette.json), and a run found there is never run again, so the
@@ -14,8 +15,9 @@ seed before any table gets its second.
 
 Every model gets one recipe, not tuned for any of them (RECIPE): AdamW, peak lr 1e-3 with 5% warmup and cosine
 decay, weight decay 0.05 on matrices and kernels, label smoothing 0.1, random-resized crops (scale 0.35-1) and
-flips, batch 64, bf16 autocast and torch.compile, one process; `none` of the heavier augmentations. So a run
-needs bf16 matmul units (AMX or AVX512-BF16, or a GPU): on a CPU that would emulate bf16 the sweep refuses to start.
+flips, batch 64, bf16 autocast and torch.compile, one process; `none` of the heavier augmentations. Where bf16
+would be emulated (a CPU without AMX or AVX512-BF16), a run trains in fp32 instead; each run records its precision,
+and rotary-cat-fp32-s0 measures what fp32 changes (the same run as rotary-cat-s0 in fp32).
 """
 import argparse
 import json
@@ -31,7 +33,7 @@ import torch
 import runtime
 
 OUT = os.path.join("runs", "imagenette")
-DATA = os.path.join("..", "shared", "data", "imagenette-160")
+DATA = os.path.join("..", "shared", "data", "imagenette-160")     # the default --data-dir
 RESULTS = os.path.join("assets", "imagenette.json")
 BATCH = 64
 RECIPE = ["--data", "imagefolder", "--batch-size", str(BATCH), "--lr", "1e-3", "--warmup", "0.05",
@@ -86,13 +88,13 @@ FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training 
                                                 # families keep theirs, for the curves of top-1 against time
 
 
-def plan(seeds):
-    """{run name: (train.py flags, resolutions to evaluate at)} in the order to run them: per seed, the headline
-    families, then the rotaries, then the other families, then the 10-epoch runs."""
+def plan(seeds, data_dir=DATA):
+    """{run name: (train.py flags, resolutions to evaluate at)}: per seed, the headline families, then the
+    rotaries, then the other families, then the 10-epoch runs (by_question orders what is left to run)."""
     groups = {}                                 # (seed index, group) -> runs
     for i, seed in enumerate(seeds):
         s = ["--seed", str(seed)]
-        recipe = [*RECIPE, "--data-dir", DATA, "--res", str(RES)]
+        recipe = [*RECIPE, "--data-dir", data_dir, "--res", str(RES)]
         for label, flags in FAMILIES.items():
             if i == 0 or label in HEADLINE_SEEDS:
                 group = groups.setdefault((i, 0 if label in HEADLINE else 2), {})
@@ -100,10 +102,12 @@ def plan(seeds):
         if i >= 2:
             continue                            # 2 seeds for everything below
         rotaries = groups.setdefault((i, 1), {})
-        at_80 = [*RECIPE, "--data-dir", DATA, "--res", str(ROTARY_RES), "--epochs", str(EPOCHS), *FINAL_EVAL_ONLY]
+        at_80 = [*RECIPE, "--data-dir", data_dir, "--res", str(ROTARY_RES), "--epochs", str(EPOCHS), *FINAL_EVAL_ONLY]
         for pos in ROTARIES:
             rotaries[f"rotary-{pos}-s{seed}"] = ([*at_80, *cat_tiny(pos), *s], ROTARY_EVAL)
             rotaries[f"shapes-{pos}-s{seed}"] = ([*SHAPES, *cat_tiny(pos), *s], [])
+        if i == 0:                              # what fp32 changes: one bf16 run again in fp32
+            rotaries[f"rotary-cat-fp32-s{seed}"] = ([*at_80, *cat_tiny("cat"), *s, "--no-amp"], ROTARY_EVAL)
         for pos in VIT_ROTARIES:
             rotaries[f"vit-rotary-{pos}-s{seed}"] = ([*at_80, "--model", "vit-tiny", "--pos", pos, *s], ROTARY_EVAL)
         short, tenth = [*recipe, "--epochs", str(SHORT), *FINAL_EVAL_ONLY], groups.setdefault((i, 3), {})
@@ -113,7 +117,17 @@ def plan(seeds):
     return {name: v for key in sorted(groups) for name, v in groups[key].items()}
 
 
-def equal_time_plan(seeds, results):
+# What is left to run goes in the order of the questions it answers (docs/results.md): does the convolutional stem
+# help; what fp32 changes (before any fp32 run joins the tables); is `scaled` better than `cat` beyond the seed
+# noise; does RoPE-Mixed lose at 2x inside a ViT as it does inside CAT. Then the rest, in plan order.
+QUESTIONS = ("cat-tiny-conv-stem", "vit-tiny-conv-stem", "rotary-cat-fp32", "cat-tiny-scaled", "vit-rotary")
+
+
+def by_question(name):
+    return next((i for i, prefix in enumerate(QUESTIONS) if name.startswith(prefix)), len(QUESTIONS))
+
+
+def equal_time_plan(seeds, results, data_dir=DATA):
     """ViT given CAT's training time instead of its epochs: as many steps as it makes in the seconds cat-tiny
     took for 20 epochs, on the same cosine schedule (compressed to those steps). Known once both have run. The
     two speeds must come from one machine (sessions here get different CPUs): the seed's own pair when its two
@@ -127,7 +141,7 @@ def equal_time_plan(seeds, results):
         if all(own) and timed:
             cat, vit = own if own in timed else timed[0]
             steps = round(cat["train_seconds"] * vit["train_images_per_s"] / BATCH)
-            flags, res = plan([seed])[f"vit-tiny-s{seed}"]
+            flags, res = plan([seed], data_dir)[f"vit-tiny-s{seed}"]
             runs[f"vit-tiny-time-s{seed}"] = ([*flags, "--max-steps", str(steps)], res)
     return runs
 
@@ -149,8 +163,8 @@ def trained_on(start):
 
 
 def summary(name, flags, res):
-    """A finished run's figures from its folder (flags, time, speed, FLOPs, the validation curve and the
-    evaluation), or None if it has not been evaluated at every resolution in `res`."""
+    """A finished run's figures from its folder (flags, machine, precision, time, speed, FLOPs, the validation
+    curve and the evaluation), or None if it has not been evaluated at every resolution in `res`."""
     path = os.path.join(OUT, name, "eval.json")
     if not os.path.exists(path):
         return None
@@ -164,26 +178,35 @@ def summary(name, flags, res):
     last = records[-1]
     images = last["step"] * BATCH
     machines = dict.fromkeys(trained_on(r) for r in starts)    # more if it moved
-    return {"flags": flags, "machine": " then ".join(machines),
+    precisions = dict.fromkeys("bf16" if r["amp"] else "fp32" for r in starts)
+    return {"flags": flags, "machine": " then ".join(machines), "precision": " then ".join(precisions),
             "params": starts[0]["params"], "flops_per_image": starts[0]["flops_per_image"],
             "train_seconds": last["train_seconds"], "train_images_per_s": images / last["train_seconds"],
-            "curve": [[r["train_seconds"], r["epoch"], r["val_top1"]] for r in records if "val_top1" in r],
+            "curve": [[r["train_seconds"], r.get("epochs_done", r.get("epoch")), r["val_top1"]]   # 'epoch': older logs
+                      for r in records if "val_top1" in r],
             "eval": [{k: row[k] for k in ("res", "top1", "top5", "loss")} for row in rows]}
 
 
 def run(name, flags, res):
-    """Train (resuming if the folder has a checkpoint) and evaluate at `res` ([]: the training resolution)."""
+    """Train (resuming if the folder has a checkpoint) and evaluate at `res` ([]: the training resolution). The
+    recipe's bf16 runs in fp32 where it would be emulated (runtime.EMULATED_BF16: one run would take days)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not runtime.bf16_is_fast(device):      # the recipe is bf16: emulated, one run would take days
-        sys.exit(f"{name}: the sweep trains in bf16 autocast (RECIPE), which {runtime.device_name(device)} has no "
-                 f"units for ({runtime.EMULATED_BF16}). Run it on a CPU with AMX or AVX512-BF16, or a GPU with bf16.")
+    precision = [] if runtime.bf16_is_fast(device) else ["--no-amp"]
     out = os.path.join(OUT, name)
-    training = [sys.executable, "train.py", *flags, "--out-dir", out, "--resume", "auto"]
-    evaluation = [sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"),
+    training = [sys.executable, "train.py", *flags, *precision, "--out-dir", out, "--resume", "auto"]
+    evaluation = [sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), *precision,
                   *(["--res", *map(str, res)] if res else []), "--json", os.path.join(out, "eval.json")]
-    for command in [training, evaluation]:
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    # The sweep has the machine to itself: every core computes, as in its finished runs (train.py's default leaves
+    # the loader worker a core of its own, which a busy machine needs: docs/training.md, threads).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))}
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(training[1:])}", flush=True)
+    subprocess.run(training, check=True, stdout=subprocess.DEVNULL, env=env)
+    state = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    if state["step"] < state["total_steps"]:            # stopped by a signal: it saved, and resumes next time
+        sys.exit(f"{name}: training stopped at step {state['step']} of {state['total_steps']}; run the sweep again "
+                 f"to continue it")
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(evaluation[1:])}", flush=True)
+    subprocess.run(evaluation, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def save(results, path, commit, name):
@@ -213,11 +236,12 @@ def cell(values, digits=1):
 
 def machine_tag(run):
     """A run's machine in the word a table cell or a legend can carry: 'Intel(R) Xeon(R) Processor (AMX),
-    2 threads' -> 'Xeon'; with its boot, 'EPYC f1b8'."""
+    2 threads' -> 'Xeon'; with its boot, 'EPYC f1b8'; trained in fp32, not the recipe's bf16, 'EPYC f1b8 fp32'."""
     machine = run.get("machine", "not recorded")
     cpu = " ".join(re.sub(r"\(R\)|\(.*?\)|Intel|AMD|Processor|,.*", "", machine).split()) or machine
     boot = re.search(r", boot (\w{4})", machine)               # one session's machine: 'EPYC f1b8'
-    return f"{cpu} {boot[1]}" if boot else cpu
+    tag = f"{cpu} {boot[1]}" if boot else cpu
+    return tag + " fp32" * ("fp32" in run.get("precision", ""))
 
 
 def by_machine(runs, value, digits=1):
@@ -257,10 +281,13 @@ def report(results):
               *rotary_table(results, "rotary", ROTARIES, shapes=True),
               "", f"Rotaries on vit-tiny, trained at {ROTARY_RES} px (RoPE-ViT's DeiT-III ViT-S, 224 -> 384 px: "
               f"RoPE-Mixed 80.9 -> 81.8, APE 80.4 -> 79.4)", "", *rotary_table(results, "vit-rotary", VIT_ROTARIES)]
+    lines += ["", precision_effect(results)]
     machines = {}
     for name, result in results.items():
-        machines.setdefault(result.get("machine", "not recorded"), []).append(name)
-    lines += ["", "Speeds and times are per training machine, tagged (2 CPU cores each); the machines and their runs:"]
+        machine = f"{result.get('machine', 'not recorded')}, {result.get('precision', 'precision not recorded')}"
+        machines.setdefault(machine, []).append(name)
+    lines += ["", "Speeds and times are per training machine and precision, tagged (2 CPU cores each); the machines "
+                  "and their runs:"]
     lines += [f"- {machine}: {', '.join(names)}" for machine, names in machines.items()]
     cat, vit = seeds_of(results, f"cat-tiny-e{SHORT}"), seeds_of(results, f"vit-tiny-e{SHORT}")
     if cat and vit:
@@ -270,6 +297,20 @@ def report(results):
                   f"{ratio(lambda n: top1(results, n)):.2f}x, "
                   f"FLOPs {ratio(lambda n: results[n]['flops_per_image']):.2f}x, {time_ratio(results)}"]
     return "\n".join(lines)
+
+
+def precision_effect(results):
+    """What fp32 changes against the recipe's bf16: rotary-cat-s0 again in fp32, beside the spread of its seeds."""
+    fp32, bf16 = results.get("rotary-cat-fp32-s0"), results.get("rotary-cat-s0")
+    if not (fp32 and bf16):
+        return "Precision: rotary-cat-fp32-s0 (rotary-cat-s0 in fp32) has not run yet"
+    seeds = seeds_of(results, "rotary-cat")
+    cells = []
+    for res in ROTARY_EVAL:
+        a, b, spread = top1(results, "rotary-cat-fp32-s0", res), top1(results, "rotary-cat-s0", res), \
+            [top1(results, n, res) for n in seeds]
+        cells.append(f"{res} px {a:.1f} vs {b:.1f} ({a - b:+.1f}; bf16 seeds {min(spread):.1f}-{max(spread):.1f})")
+    return f"Precision, rotary-cat-s0 in fp32 vs bf16, top-1: {'; '.join(cells)}"
 
 
 def rotary_table(results, prefix, positions, shapes=False):
@@ -370,25 +411,29 @@ def main():
     parser.add_argument("--report", action="store_true", help="only print the tables and draw the plot")
     parser.add_argument("--commit", action="store_true", help="git-commit --json after each finished run")
     parser.add_argument("--json", default=RESULTS, help=f"the results file (default {RESULTS})")
+    parser.add_argument("--data-dir", default=DATA, help=f"Imagenette in the ImageFolder layout, every image 160 x "
+                        f"160 (default {DATA}; docs/training.md says how to make it)")
     parser.add_argument("--plot", default=os.path.join("assets", "imagenette.png"),
                         help="PNG of the curves and the rotaries (needs matplotlib; '': none)")
     args = parser.parse_args()
     results = load_results(args.json)
     if args.list:
-        for name, (flags, res) in {**plan(args.seeds), **equal_time_plan(args.seeds, results)}.items():
+        for name, (flags, res) in {**plan(args.seeds, args.data_dir),
+                                   **equal_time_plan(args.seeds, results, args.data_dir)}.items():
             print(f"{name}: train.py {' '.join(flags)}; eval at {res or 'the training resolution'}")
         return
     if args.runs:
-        known = {**plan(args.seeds), **equal_time_plan(args.seeds, results)}
+        known = {**plan(args.seeds, args.data_dir), **equal_time_plan(args.seeds, results, args.data_dir)}
         unknown = sorted(set(args.runs) - set(known))
         if unknown:     # vit-tiny-time-sN only exists once its two runs have finished
             parser.error(f"--runs: no run named {', '.join(unknown)} (see --list)")
-    while not args.report:      # the equal-time run goes first as soon as its two runs have finished
-        todo = {**equal_time_plan(args.seeds, results), **plan(args.seeds)}
-        todo = {n: v for n, v in todo.items() if n not in results and (not args.runs or n in args.runs)}
+    while not args.report:
+        runs = {**plan(args.seeds, args.data_dir), **equal_time_plan(args.seeds, results, args.data_dir)}
+        todo = [n for n in runs if n not in results and (not args.runs or n in args.runs)]
         if not todo:
             break
-        name, (flags, res) = next(iter(todo.items()))
+        name = min(todo, key=by_question)                   # the first of the most pressing question's runs
+        flags, res = runs[name]
         result = summary(name, flags, res)          # evaluated before the results file saw it: no rerun
         if result is None:
             run(name, flags, res)

@@ -2,7 +2,8 @@
 
 Read top to bottom: config and presets, the cross-axis operation, the three attentions (cross-axis,
 softmax ViT, Performer), the block, the model. Needs only torch and rope2d.py. The exact tensor
-operations follow SPEC.md section 2, since the paper's Sec. 2.1 lost them in conversion.
+operations are written out in docs/design.md (The cross-axis attention), since the paper's Sec. 2.1 lost
+them in conversion.
 
 Shapes: B batch, H x W patch grid, D model width, h heads, d = D / h head width.
 """
@@ -44,14 +45,14 @@ class CATConfig:
     num_classes: int = 1000
     attn: str = "cross_axis"        # cross_axis | softmax (ViT) | performer | swin (swin.py, needs torchvision)
                                     # | resnet18 (resnet.py: torchvision's; only num_classes and patch apply)
-    axis: str = "alternate"         # row: the paper's; alternate: odd blocks swap H and W (SPEC 2.1)
+    axis: str = "alternate"         # row: the paper's; alternate: odd blocks swap H and W (docs/design.md)
     form: str = "auto"              # cross-axis product order: auto | quadratic | linear
     mid_norm: bool = False          # ablation: normalise the scores between the two products (paper Sec. 4)
     xy_mask: bool = False           # ablation: the learned X/Y mask of the paper's Table 4 (FocusMask)
     performer_kernel: str = "favor"  # favor: positive orthogonal random features; relu
     performer_features: int = 64    # random features per head for favor
     pos: str = "cat"                # rope2d.SCHEMES
-    imprint: str = "constant"       # residual imprint schedule, SPEC 2.3 / paper Table 4
+    imprint: str = "constant"       # residual imprint schedule, paper Table 4; docs/design.md
     pool: str = "mean"              # mean | corner (released code) | cls
     stem: str = "patch"             # patch: one patch x patch convolution (ViT's); conv: ConvStem, the same grid
     dropout: float = 0.0
@@ -74,7 +75,9 @@ class CATConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.img_size % self.patch:
-            raise ValueError(f"img_size ({self.img_size}) must be divisible by patch ({self.patch})")
+            below = self.img_size // self.patch * self.patch
+            raise ValueError(f"img_size ({self.img_size}) must be divisible by patch ({self.patch}): the nearest sizes "
+                             f"are {below or self.patch} and {below + self.patch}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         swin = self.attn == "swin"
@@ -117,7 +120,7 @@ class CATConfig:
 
 PRESETS = {
     # The paper's model (Table 3: D 1024, 5 layers, 8 heads, patch 8; ~33M parameters) with the fix of
-    # SPEC 2.1: true 2D rotary needs `alternate` to see both axes.
+    # The row blindness (docs/design.md): true 2D rotary needs `alternate` to see both axes.
     "cat-paper": CATConfig(),
     # What the released code does: its modulation (`cat_ref`), row scores only, decaying imprint, corner pool.
     "cat-ref": CATConfig(pos="cat_ref", axis="row", imprint="tanh_decay", pool="corner"),
@@ -148,7 +151,7 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# The cross-axis operation (SPEC 2)
+# The cross-axis operation (docs/design.md: The cross-axis attention)
 
 # `auto` uses the linear form for grids wider than this times the head dim. Measured with bench.py on 2 CPU
 # cores, fwd+bwd, 8 heads of dim 128: quadratic faster at W = 128 (236 vs 271 ms), linear at W = 192
@@ -186,7 +189,7 @@ def cross_axis_attention(q, k, v, form="auto", mid_norm=False):
 
 
 class FocusMask(nn.Module):
-    """The learned X/Y mask (paper Table 4, SPEC 2.3): a small head predicts one (x, y) focus per image from the
+    """The learned X/Y mask (paper Table 4; docs/design.md): a small head predicts one (x, y) focus per image from the
     patch embedding E (each block's attention has its own head, so the focus may differ from block to block), and
     the score of every key at L1 distance r from it (coordinates in [-1, 1]) is multiplied by exp(-rate_n r), a
     learned decay rate per head n. The weight belongs to the key's position
@@ -210,7 +213,7 @@ class FocusMask(nn.Module):
 
 
 def imprint_alpha(mode, layer, depth):
-    """Weight of the embedding imprint in block `layer` (SPEC 2.3; paper Table 4)."""
+    """Weight of the embedding imprint in block `layer` (paper Table 4; docs/design.md: Residual imprint)."""
     t = math.tanh(math.pi * layer / depth)
     return {"none": 0.0, "constant": 1.0, "tanh_decay": 1.0 - t, "tanh_grow": t}[mode]
 
@@ -236,7 +239,7 @@ class Attention(nn.Module):
     def forward(self, x, embed=None, alpha=0.0, cls_column=False):   # x: (B, H, W, D)
         B, H, W, D = x.shape
         qkv = self.qkv(x).view(B, H, W, 3, D)
-        if alpha:                                                    # alpha_l * E onto q, k and v (SPEC 2.3)
+        if alpha:                                                    # alpha_l * E onto q, k and v
             qkv = qkv.add(embed.unsqueeze(3).to(qkv.dtype), alpha=alpha)
         # unbind, then permute: the backward pass stacks the three gradients straight into the Linear's layout
         q, k, v = (t.permute(0, 3, 1, 2, 4) for t in qkv.view(B, H, W, 3, self.heads, -1).unbind(3))
@@ -254,9 +257,9 @@ class CrossAxisAttention(Attention):
     """CAT's attention: cross_axis_attention, then RetNet's per-head GroupNorm (paper Sec. 2.1).
 
     With axis='alternate', odd blocks transpose the grid: scores within a column, values summed over
-    columns. Without it a true rotary cannot tell rows apart (SPEC 2.1): q and k of one row share the
-    height angle, which cancels in the scores, and Vbar sums over rows, so the block is equivariant to
-    permuting the rows.
+    columns. Without it a true rotary cannot tell rows apart (docs/design.md, the row blindness): q and k of one
+    row share the height angle, which cancels in the scores, and Vbar sums over rows, so the block is
+    equivariant to permuting the rows.
     """
 
     def __init__(self, cfg, layer):
@@ -376,7 +379,7 @@ def drop_path(x, p, training):
 
 
 class FeedForward(nn.Module):
-    """Linear(D, rD) -> SiLU -> Linear(rD, D), no biases (SPEC 2.2)."""
+    """Linear(D, rD) -> SiLU -> Linear(rD, D), no biases (the paper's FFN)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -524,7 +527,7 @@ class CAT(nn.Module):
         if self.cls_token is not None:
             B, H = x.shape[:2]
             x = torch.cat([x, self.cls_token.expand(B, H, 1, -1).to(x.dtype)], 2)  # (B, H, W+1, D)
-        return x, x                                                  # E is the input of block 0 (SPEC 2.3)
+        return x, x                                                  # E is the input of block 0 (paper Table 4)
 
     def run_block(self, layer, x, embed):
         """Block `layer` on the grid x (B, H, W(+1), D), with activation checkpointing when configured."""

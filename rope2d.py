@@ -1,4 +1,4 @@
-"""Positional schemes for transformers on a 2D patch grid (SPEC section 3). Needs only torch.
+"""Positional schemes for transformers on a 2D patch grid (docs/design.md: Positional schemes). Needs only torch.
 
 Rotary schemes turn q and k of shape (B, heads, H, W, c) by position-dependent angles, so that q.k
 depends only on the offset between two tokens:
@@ -126,7 +126,7 @@ class MixedFrequencies(nn.Module):
 def cat_ref_scale(H, W, head_dim, device=None):
     """The released code's "rotation", reproduced: a per-channel factor (1, H, W, d).
 
-    Three slips make it differ from `cat` (SPEC 3): (a) operator precedence floor-divides the frequency
+    Three slips make it differ from `cat` (docs/design.md): (a) operator precedence floor-divides the frequency
     exponent to 0, so every frequency is 1; (b) even channels take the width angle, odd channels the height
     angle; (c) channel c is multiplied by cos(t_c) - sin(t_c) in the first half of the head and by
     cos(t_c) + sin(t_c) in the second half: an absolute modulation, not a rotation of channel pairs.

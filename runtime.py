@@ -3,16 +3,18 @@ the precision policy, CPU memory, and the record of the machine a run used."""
 import argparse
 import atexit
 import ctypes
-import multiprocessing
 import os
 import re
 import signal
 import sys
+import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import fields
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from model import CHOICES, PRESETS, CATConfig
 
@@ -79,7 +81,9 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n(python {self.prog} --help lists every flag)\n")
+        """Under torchrun every process parses the same flags: rank 0 alone says why they are refused."""
+        self.exit(2, f"{self.prog}: error: {message}\n(python {self.prog} --help lists every flag)\n"
+                  if os.environ.get("RANK", "0") == "0" else None)
 
 
 def add_model_flags(parser, model_help="preset (default cat-tiny)", group_title="model options (default: the "
@@ -105,6 +109,13 @@ def model_overrides(args):
     """{CATConfig field: value} of the model flags given on the command line."""
     values = {name: getattr(args, name) for name in MODEL_HELP if getattr(args, name) is not None}
     return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
+
+
+def unused_model_flags(overrides, config, model):
+    """Why the model flags in `overrides` would be silently ignored by `config` (of preset `model`), whose attention
+    never reads them (--stages and --window are Swin's): one line each."""
+    return [f"--{name} is only used by swin-tiny's attention (swin), not by {model}'s ({config.attn})"
+            for name in ("stages", "window") if name in overrides and config.attn != "swin"]
 
 
 def in_flag_terms(message, names=()):
@@ -177,8 +188,8 @@ def bf16_is_fast(device):
     units take bf16 (AMX tiles or AVX512-BF16: 2.6 against 0.30 TFLOP/s in fp32 on 2 cores of a Xeon with AMX,
     0.64 against 0.15 on 2 cores of an AMD EPYC with AVX512-BF16). Elsewhere bf16 would be emulated, slower than
     fp32, so the default is fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":                   # it counts an emulating GPU unless told not to
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and cpu_bf16_units() is not None
 
 
@@ -245,6 +256,18 @@ def all_sum(values, device):
 
 
 
+def compute_threads(workers, cores=None):
+    """Threads for this process's own compute: the cores it may run on (its CPU affinity, shared with the other
+    processes torchrun started on this machine), less its loader workers, at least one; OMP_NUM_THREADS, when set
+    (torchrun sets 1 for several processes), wins. Oversubscribed, the compute threads wait on each other:
+    `python train.py` ran at 15 images/s instead of 169 beside another job on 2 cores (docs/training.md)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - workers)
+
+
 def default_workers(device):
     """DataLoader workers per process: on CUDA the CPU cores this process gets, less one for itself (at most 8);
     on CPU one, since the model's own threads need the cores."""
@@ -255,10 +278,20 @@ def default_workers(device):
 
 
 
+LOADERS = weakref.WeakSet()         # the loaders whose workers ignore SIGTERM, for end_workers_that_ignore_sigterm
+
+
+def signal_safe_loader(dataset, num_workers, **kwargs):
+    """A DataLoader whose workers persist between epochs and ignore Ctrl-C and SIGTERM, which reach the whole
+    process group (a terminal, timeout, Slurm, torchrun's shutdown): they leave them to the trainer, which saves
+    before it exits, and end with it. A worker that died of the signal first would make the trainer fail instead."""
+    loader = DataLoader(dataset, num_workers=num_workers, persistent_workers=num_workers > 0,
+                        worker_init_fn=workers_leave_signals_to_the_trainer, **kwargs)
+    LOADERS.add(loader)
+    return loader
+
+
 def workers_leave_signals_to_the_trainer(_):
-    """DataLoader workers ignore Ctrl-C and SIGTERM, which reach the whole process group (a terminal, timeout,
-    Slurm, torchrun's shutdown), and leave them to the trainer, which saves before it exits; the workers end
-    with it. A worker that died of the signal first would make the trainer fail instead."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -266,35 +299,58 @@ def workers_leave_signals_to_the_trainer(_):
 @atexit.register        # registered after multiprocessing's exit handler (torch imports it), so it runs first
 def end_workers_that_ignore_sigterm():
     """At exit, multiprocessing ends the daemonic children still alive (the workers of a loader that an uncaught
-    error's traceback keeps) with SIGTERM, then waits for them: ours ignore it, so they get SIGKILL first."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    error's traceback keeps) with SIGTERM, then waits for them: ours ignore it, so they get SIGKILL first. Only
+    the workers of our loaders (signal_safe_loader): other children are left to multiprocessing."""
+    for loader in list(LOADERS):
+        for worker in getattr(loader._iterator, "_workers", []):        # a persistent loader keeps its iterator
+            if worker.is_alive():
+                worker.kill()
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM while training: the run saves and exits after the current step (under torchrun at the
-    next step where the processes agree, every --log-every steps). A second signal interrupts at once. The
+    """Set by SIGINT/SIGTERM while training: the run saves and exits after the current step, under torchrun at most
+    two steps later (agreed). A second signal, REPEAT_SECONDS or more after the first, interrupts at once; an earlier
+    one is the same request delivered twice (torchrun forwards the signal that its process group got too). The
     previous handlers come back on exit."""
+    REPEAT_SECONDS = 2.0
 
-    def __init__(self, say):
-        self.say = say
+    def __init__(self, say, world=1):
+        self.say, self.world = say, world
 
     def __enter__(self):
-        self.raised = False
+        self.raised, self.group = False, None
+        if self.world > 1:                  # a CPU group even beside NCCL: the vote never waits on the device
+            self.group, self.votes = dist.new_group(backend="gloo"), torch.zeros(1)
+            self.vote = dist.all_reduce(self.votes, group=self.group, async_op=True)
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if self.group is not None and exc_type is None:     # every process ends the loop at the same step
+            self.vote.wait()
+
+    def agreed(self):
+        """Whether to stop at this step, the same answer on every process: the processes' flags summed by an
+        all-reduce started at the previous step and read at this one. So a stop under torchrun, whatever
+        --log-every is, comes within torchrun's 30 s between SIGTERM and SIGKILL unless two steps take longer."""
+        if self.group is None:
+            return self.raised
+        self.vote.wait()
+        agreed = self.votes.item() > 0
+        self.votes.fill_(float(self.raised))
+        self.vote = dist.all_reduce(self.votes, group=self.group, async_op=True)
+        return agreed
 
     def handle(self, signum, frame):
         if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
+            if time.monotonic() - self.raised_at >= self.REPEAT_SECONDS:
+                raise KeyboardInterrupt
+            return
+        self.raised, self.raised_at = True, time.monotonic()
         self.say(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
-                 f"(Ctrl-C again quits at once without saving)")
+                 f"(Ctrl-C again, a few seconds later, quits at once without saving)")
 
 
 def autocast(device, amp):

@@ -337,7 +337,8 @@ def test_resnet18_fine_tunes_to_new_classes(tmp_path):
     save_checkpoint({"format": CHECKPOINT_FORMAT, "config": asdict(source.config),
                            "model": source.state_dict()}, str(tmp_path / "c.pt"))
     target = build_model(replace(PRESETS["resnet18"], num_classes=3))
-    weights, note = fine_tuning_weights(str(tmp_path / "c.pt"), target, ["a", "b", "c"])
+    path = str(tmp_path / "c.pt")
+    weights, note = fine_tuning_weights(load_checkpoint(path), path, target, ["a", "b", "c"])
     target.load_state_dict(weights)
     assert "new head" in note
     torch.testing.assert_close(target.conv1.weight, source.conv1.weight)

@@ -177,7 +177,7 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "a" / "train" / "cat").mkdir(parents=True)
     write_image(tmp_path / "a" / "train" / "cat" / "good.png")
     assert len(data.build_dataset("imagefolder", tmp_path / "a", "train", 32)) == 1   # only the split asked for
-    with pytest.raises(FileNotFoundError, match=r"val is missing: imagefolder expects .*/train/CLASS/\*"):
+    with pytest.raises(FileNotFoundError, match=r"val is missing: imagefolder expects [^ ]*/val/CLASS/\*$"):
         data.build_dataset("imagefolder", tmp_path / "a", "val", 32)
     (tmp_path / "a" / "val").mkdir()
     with pytest.raises(FileNotFoundError, match="val has no class folders"):
@@ -185,7 +185,8 @@ def test_imagefolder_errors(tmp_path):
 
     root = make_folder(tmp_path / "b", classes=("cat", "dog"), val_classes=("cat", "emu"))
     with pytest.raises(ValueError, match="only in train: dog; only in val: emu"):
-        data.build_dataset("imagefolder", root, "val", 32)
+        data.build_dataset("imagefolder", root, "train", 32)
+    assert data.build_dataset("imagefolder", root, "val", 32).classes == ["cat", "emu"]   # eval.py reads val alone
 
     root = make_folder(tmp_path / "c")
     for path in (root / "train" / "dog").iterdir():

@@ -135,7 +135,7 @@ def test_unreadable_val_images_are_left_out_and_counted(tmp_path, capsys):
     rows = evaluate_script.main(["--ckpt", str(run / "ckpt.pt"), "--workers", "0", "--json", str(tmp_path / "r.json")])
     assert rows[0]["images"] == 8 and rows[0]["left_out"] == 1
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["left_out"] == 1
-    assert "left out" in capsys.readouterr().out
+    assert "unreadable" in capsys.readouterr().out
 
 
 def test_bench_smoke(tmp_path, tf32_on):
@@ -192,7 +192,7 @@ def test_every_experiment_is_a_valid_train_command():
     plan = experiments.plan(seeds=[0, 1, 2])
     # 10 families + 3 x 2 more headline seeds, 2 seeds x (5 rotaries + 5 shapes + 5 ViT rotaries + ViT and 6
     # Table 4 rows at 10 epochs)
-    assert len(plan) == 10 + 6 + 2 * (5 + 5 + 5 + 7)
+    assert len(plan) == 10 + 6 + 2 * (5 + 5 + 5 + 7) + 1                  # + rotary-cat-fp32-s0
     assert list(plan)[:3] == ["cat-tiny-s0", "vit-tiny-s0", "resnet18-s0"]       # the headline first
     assert list(plan)[-3:] == ["cat-tiny-s2", "vit-tiny-s2", "cat-tiny-scaled-s2"]   # third seeds last
     for name, (flags, res) in plan.items():
@@ -207,6 +207,8 @@ def test_every_experiment_is_a_valid_train_command():
             assert args.pos is not None and args.imprint is not None, name
     assert train.parse_args(plan["cat-xy-mask-e10-s1"][0])[0].xy_mask
     assert train.parse_args(plan["rotary-scaled-s0"][0])[0].pos == "scaled"
+    assert plan["rotary-cat-fp32-s0"] == ([*plan["rotary-cat-s0"][0], "--no-amp"], plan["rotary-cat-s0"][1])
+    assert train.parse_args(plan["rotary-cat-fp32-s0"][0])[0].amp is False
     assert train.parse_args(plan["resnet18-s0"][0])[0].model == "resnet18"
     vit_mixed = train.parse_args(plan["vit-rotary-ape+mixed-s1"][0])[0]
     assert (vit_mixed.model, vit_mixed.pos) == ("vit-tiny", "ape+mixed")
@@ -255,27 +257,56 @@ def test_report_never_averages_speeds_from_different_machines():
     assert "| 133 ± 4 (2) Xeon; 70 EPYC | 23.7 ± 0.8 (2) Xeon; 45.0 EPYC |" in row
 
 
-def test_the_sweep_refuses_a_machine_that_would_emulate_its_bf16(monkeypatch):
-    """The recipe trains in bf16: on an AVX2-only CPU one run would take days (65 s a vit-tiny step). The sweep
-    says so before it starts any, and runs on a machine with bf16 units."""
+def test_the_sweep_trains_in_fp32_where_bf16_would_be_emulated(monkeypatch):
+    """The recipe trains in bf16: on an AVX2-only CPU, emulated, one run would take days (65 s a vit-tiny step), so
+    there it trains and evaluates in fp32; with bf16 units, as the recipe says."""
     launched = []
-    monkeypatch.setattr(experiments.subprocess, "run", lambda command, **kwargs: launched.append(command[1]))
+    monkeypatch.setattr(experiments.subprocess, "run", lambda command, env, **kwargs: launched.append(command[1:]) or
+                        threads.append(env["OMP_NUM_THREADS"]))
+    monkeypatch.setattr(experiments.torch, "load", lambda *a, **k: {"step": 5, "total_steps": 5})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: None)
-    with pytest.raises(SystemExit, match="vit-tiny-e10-s1: the sweep trains in bf16 autocast"):
-        experiments.run("vit-tiny-e10-s1", [], [128])
-    assert launched == []
+    experiments.run("vit-tiny-e10-s1", ["--amp"], [128])
+    assert [(c[0], "--no-amp" in c) for c in launched] == [("train.py", True), ("eval.py", True)]
+    assert threads == [str(len(os.sched_getaffinity(0)))] * 2       # the sweep's processes use every core
+    launched.clear()
     monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: "AVX512-BF16")
-    experiments.run("vit-tiny-e10-s1", [], [128])
-    assert launched == ["train.py", "eval.py"]
+    experiments.run("vit-tiny-e10-s1", ["--amp"], [128])
+    assert [(c[0], "--no-amp" in c) for c in launched] == [("train.py", False), ("eval.py", False)]
+
+
+def test_a_run_stopped_by_a_signal_is_not_evaluated(monkeypatch):
+    """train.py saves and exits 0 on SIGTERM: the sweep must not evaluate (and record) the half-trained run."""
+    launched = []
+    monkeypatch.setattr(experiments.subprocess, "run", lambda command, **kwargs: launched.append(command[1]))
+    monkeypatch.setattr(experiments.torch, "load", lambda *a, **k: {"step": 3, "total_steps": 5})
+    with pytest.raises(SystemExit, match="vit-tiny-e10-s1: training stopped at step 3 of 5"):
+        experiments.run("vit-tiny-e10-s1", [], [128])
+    assert launched == ["train.py"]
+
+
+def test_the_queue_follows_the_questions(monkeypatch):
+    """What is left runs in the order of the questions it answers: the stems, the fp32 calibration, `scaled`'s
+    seeds, the rotaries inside ViT seed by seed, then the rest."""
+    results = experiments.load_results(experiments.RESULTS)
+    done = {name: r for name, r in results.items()
+            if not name.startswith(("cat-tiny-conv-stem", "vit-tiny-conv-stem", "rotary-cat-fp32"))
+            and name not in ("cat-tiny-scaled-s1", "cat-tiny-scaled-s2") and not name.startswith("vit-rotary")}
+    runs = {**experiments.plan([0, 1, 2]), **experiments.equal_time_plan([0, 1, 2], done)}
+    order = sorted((n for n in runs if n not in done), key=experiments.by_question)
+    vit_rotaries = [f"vit-rotary-{pos}-s{seed}" for seed in (0, 1) for pos in experiments.VIT_ROTARIES]
+    assert order[:15] == ["cat-tiny-conv-stem-s0", "vit-tiny-conv-stem-s0", "rotary-cat-fp32-s0",
+                          "cat-tiny-scaled-s1", "cat-tiny-scaled-s2", *vit_rotaries]
 
 
 def test_the_sweep_keeps_edits_made_to_the_results_file_while_a_run_trains(tmp_path, monkeypatch):
     """A run takes up to an hour: a correction written to the results file meanwhile must survive its save."""
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"old": {"machine": "as first written"}}))
-    monkeypatch.setattr(experiments, "plan", lambda seeds: {"new": (["--seed", "0"], [])})
-    monkeypatch.setattr(experiments, "equal_time_plan", lambda seeds, results: {})
+    monkeypatch.setattr(experiments, "plan", lambda seeds, data_dir: {"new": (["--seed", "0"], [])})
+    monkeypatch.setattr(experiments, "equal_time_plan", lambda seeds, results, data_dir: {})
     monkeypatch.setattr(experiments, "report", lambda results: "")
     monkeypatch.setattr(experiments, "angle_spreads", lambda: "")
     finished = []
@@ -304,6 +335,7 @@ def test_a_run_records_the_machine_it_trained_on(tmp_path, monkeypatch):
     (out / "eval.json").write_text(json.dumps({"rows": [{"res": 16, "top1": 50.0, "top5": 100.0, "loss": 1.0}]}))
     assert start["boot_id"] == runtime.boot_id() and len(runtime.boot_id()) == 36       # Linux: this boot's uuid
     assert experiments.summary("run", [], [16])["machine"] == f"{start['device_name']}, boot {start['boot_id'][:8]}"
+    assert experiments.summary("run", [], [16])["precision"] == ("bf16" if start["amp"] else "fp32")
 
 
 def test_two_sessions_with_one_cpu_name_are_two_machines(tmp_path, monkeypatch):
@@ -314,7 +346,8 @@ def test_two_sessions_with_one_cpu_name_are_two_machines(tmp_path, monkeypatch):
     epyc = "AMD EPYC (AVX512-BF16), 2 threads"
     for name, per_s, boot in [("cat-tiny-s2", 132, "f1b82f8a-0"), ("vit-tiny-s2", 27, "0c0ffee0-1")]:
         (tmp_path / name).mkdir()
-        records = [{"event": "start", "device_name": epyc, "boot_id": boot, "params": 1, "flops_per_image": 1},
+        records = [{"event": "start", "device_name": epyc, "boot_id": boot, "params": 1, "flops_per_image": 1,
+                    "amp": True},
                    {"step": 2940, "train_seconds": 2940 * 64 / per_s}]
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
         (tmp_path / name / "eval.json").write_text(json.dumps({"rows": [{"res": 128, "top1": 70.0, "top5": 99.0,
@@ -365,4 +398,10 @@ def test_eval_matches_classes_by_name_and_refuses_others(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate_script.main(["--ckpt", ckpt, "--data-dir", str(foreign), "--workers", "0"])
     assert exit_info.value.code == 2
-    assert "1 classes that are not the expected ones (d)" in capsys.readouterr().err
+    assert "1 class that is not an expected one (d)" in capsys.readouterr().err
+    tree(subset, "train", "abc", 1)                # a train/ folder beside the subset: eval needs only val/
+    assert evaluate_script.main(["--ckpt", ckpt, "--data-dir", str(subset), "--workers", "0"])[0]["top1"] == top1
+    with pytest.raises(SystemExit):
+        evaluate_script.main(["--ckpt", ckpt, "--data-dir", str(tmp_path / "none"), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'none'}/val/CLASS/*" in err and "train/" not in err     # names only what eval needs

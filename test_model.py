@@ -1,4 +1,4 @@
-"""Model behaviour (SPEC 2-4): shapes, exact equalities, positional properties, configs."""
+"""Model behaviour : shapes, exact equalities, positional properties, configs."""
 import math
 
 import pytest
@@ -107,7 +107,7 @@ def xy_masked_attention(**overrides):
 
 
 def test_xy_mask_multiplies_the_scores_and_keeps_both_forms_exact():
-    """Table 4's learned X/Y mask: scores S[i, j, j'] times exp(-rate |key - focus|_1), by the SPEC formula."""
+    """Table 4's learned X/Y mask: scores S[i, j, j'] times exp(-rate |key - focus|_1), as docs/design.md writes it."""
     attention = xy_masked_attention()
     embed = torch.randn(2, 4, 5, 32)
     q, k, v = (torch.randn(2, 2, 4, 5, 16) for _ in range(3))
@@ -152,11 +152,11 @@ def test_group_norm_cancels_gamma():
     torch.testing.assert_close(with_gamma, without_gamma, rtol=1e-4, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- SPEC 2.1
+# ---------------------------------------------------------------------------------------------- the row blindness
 
 @pytest.mark.parametrize("pos", ["cat", "axial", "mixed", "none"])
 def test_row_axis_with_true_rotary_cannot_tell_rows_apart(pos):
-    """The paper's formulation with a true rotation is equivariant to permuting patch rows (SPEC 2.1)."""
+    """The paper's formulation with a true rotation is equivariant to permuting patch rows (docs/design.md)."""
     torch.manual_seed(0)
     model = CAT(small(pos=pos, axis="row", imprint="none", depth=3)).eval()
     images = torch.randn(4, 3, 32, 32)
@@ -231,7 +231,7 @@ def test_scaled_rotary_interpolates_where_mixed_extrapolates():
 
 
 def test_scaled_rotary_spans_every_head_from_one_patch_to_the_whole_image():
-    """Unlike `cat`, whose later heads barely turn (SPEC 3), every head of `scaled` gets the whole range:
+    """Unlike `cat`, whose later heads barely turn (docs/design.md), every head of `scaled` gets the whole range:
     1 rad per patch of the training grid at the fastest pair, a quarter turn across the image at the slowest."""
     grid, d = 10, 24
     freqs = rope2d.MixedFrequencies(heads=8, head_dim=d, grid=grid).freqs        # (2, h, d/2)
@@ -244,7 +244,7 @@ def test_scaled_rotary_spans_every_head_from_one_patch_to_the_whole_image():
 
 
 def test_cat_ref_matches_hand_computed_modulation():
-    """Released code: frequencies 1, even channels width / odd height, cos -/+ sin (SPEC 3, cat_ref)."""
+    """Released code: frequencies 1, even channels width / odd height, cos -/+ sin (cat_ref)."""
     rotary = rope2d.RotaryPosition("cat_ref", dim=8, heads=2)         # head dim 4
     out = rotary(torch.ones(1, 2, 2, 4, 4))                            # a 2 x 4 grid
     # width spans [-pi, pi] over 4 columns: -pi, -pi/3, pi/3, pi; height spans +-pi*2/4: pi/2, -pi/2.
@@ -515,7 +515,7 @@ def test_presets():
 
 def test_flop_count_matches_the_ratio_in_the_spec():
     ratio = count_flops(PRESETS["vit-paper"], 224) / count_flops(PRESETS["cat-paper"], 224)
-    assert 2.1 < ratio < 2.4                                           # SPEC 8: about 2.2x at 224
+    assert 2.1 < ratio < 2.4                                           # docs/benchmarks.md: about 2.2x at 224
 
 
 @pytest.mark.parametrize("attn", list(ATTENTION))

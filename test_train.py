@@ -1,4 +1,4 @@
-"""Training behaviour (SPEC 6): it learns, resumes exactly, runs under DDP, and fails clearly and safely."""
+"""Training behaviour : it learns, resumes exactly, runs under DDP, and fails clearly and safely."""
 import json
 import os
 import pickle
@@ -22,6 +22,7 @@ REPO = Path(__file__).parent
 # A model and data small enough for a CPU test: 32 px, 4 x 4 grid, D 32; a 512-image shapes set.
 TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--res", "32", "--shapes-size", "512",
         "--batch-size", "16", "--workers", "0", "--log-every", "1"]
+FOLDER_TINY = [*TINY[:TINY.index("--shapes-size")], *TINY[TINY.index("--shapes-size") + 2:]]   # no shapes flags
 # Randomness everywhere it can hide: dropout, drop-path, MixUp/CutMix, EMA, accumulation, a loader worker.
 NOISY = ["--dropout", "0.1", "--drop-path", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9",
          "--accum", "2", "--workers", "1"]
@@ -37,13 +38,13 @@ def step_losses(out_dir):
 
 
 def interrupt_at_forward(monkeypatch, call):
-    """Send this process a real SIGTERM from inside the `call`-th model forward on real images (the FLOP count's
-    forward on the meta device does not count)."""
+    """Send this process a real SIGTERM from inside the `call`-th training forward on real images (the FLOP
+    count's forward on the meta device and validation's do not count)."""
     calls = {"n": 0}
     forward = model.CAT.forward
 
     def counting_forward(self, images):
-        calls["n"] += images.device.type != "meta"
+        calls["n"] += images.device.type != "meta" and self.training
         if calls["n"] == call:
             os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, images)
@@ -101,10 +102,11 @@ def test_amp_asked_for_on_a_cpu_without_bf16_units_warns(tmp_path, monkeypatch, 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     """Interrupted by SIGTERM mid-epoch, then resumed: the same losses, learning rates and weights as a run
     that was never interrupted, with every source of randomness switched on."""
-    common = [*TINY, *NOISY, "--max-steps", "20", "--epochs", "3", "--eval-every", "1000"]
+    common = [*TINY, *NOISY, "--max-steps", "20", "--epochs", "3", "--eval-every", "8"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert train.main([*common, "--out-dir", str(straight)]) == 0
-    # 512 images / (16 x 2) = 16 steps an epoch; stop inside step 11, in the first epoch's... second epoch.
+    # 512 images / (16 x 2) = 16 steps an epoch; validations (a loader with a worker) at step 8, before the stop
+    # inside step 11, and at 16 and 20 after it.
     interrupt_at_forward(monkeypatch, call=2 * 10 + 1)
     assert train.main([*common, "--out-dir", str(broken)]) == 0
     assert load_checkpoint(str(broken / "ckpt.pt"))["step"] == 11
@@ -117,6 +119,47 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
     assert a["metrics"]["val_top1"] == b["metrics"]["val_top1"]
+
+
+def test_resume_with_other_validation_and_workers_trains_the_same(tmp_path, monkeypatch):
+    """--eval-every and --workers may change on resume (RESUME_MAY_CHANGE): neither may change what training draws."""
+    common = [*TINY, *NOISY, "--max-steps", "12", "--epochs", "3"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert train.main([*common, "--eval-every", "1000", "--out-dir", str(straight)]) == 0
+    interrupt_at_forward(monkeypatch, call=2 * 5 + 1)
+    assert train.main([*common, "--eval-every", "1000", "--out-dir", str(broken)]) == 0
+    monkeypatch.undo()
+    assert train.main(["--out-dir", str(broken), "--resume", "--eval-every", "3", "--workers", "2"]) == 0
+    assert step_losses(broken) == step_losses(straight)
+    a, b = load_checkpoint(str(straight / "ckpt.pt")), load_checkpoint(str(broken / "ckpt.pt"))
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+
+
+def test_resume_without_out_dir_uses_the_default_folder(tmp_path, monkeypatch):
+    """The documented torchrun --max-restarts command has no --out-dir: --resume auto, then --resume, find
+    runs/MODEL-DATA."""
+    monkeypatch.chdir(tmp_path)
+    tiny = [*TINY, "--max-steps", "3"]
+    assert train.main([*tiny, "--resume", "auto"]) == 0
+    assert load_checkpoint("runs/cat-tiny-shapes/ckpt.pt")["step"] == 3
+    assert train.main(["--resume"]) == 0
+    assert train.main([*tiny, "--resume", "auto"]) == 0
+    assert load_checkpoint("runs/cat-tiny-shapes/ckpt.pt")["step"] == 3
+
+
+def test_resume_survives_a_partly_written_metrics_line(tmp_path, monkeypatch, capsys):
+    """A full disk can leave half a line at the end of metrics.jsonl: --resume drops it (and says so) and
+    rewrites the file atomically."""
+    common = [*TINY, "--max-steps", "6", "--eval-every", "1000", "--out-dir", str(tmp_path)]
+    interrupt_at_forward(monkeypatch, call=3)
+    assert train.main(common) == 0
+    monkeypatch.undo()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "epoch": 0, "lo')
+    assert train.main([*common, "--resume"]) == 0
+    assert "metrics.jsonl: dropped a partly written last line" in capsys.readouterr().err
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert not list(tmp_path.glob("*.tmp-*"))
 
 
 def test_sigint_saves_and_exits_cleanly(tmp_path, monkeypatch):
@@ -306,8 +349,9 @@ def test_truncated_foreign_and_missing_checkpoints_fail_clearly(tmp_path):
     (["--model", "resnet"], "invalid choice: 'resnet'"),
     (["--pos", "sinusoidal"], "invalid choice: 'sinusoidal'"),
     (["--res", "30"], "--res 30 must be divisible by --patch 8"),
-    (["--crop-scale", "2"], "--crop-scale must be in (0, 1], got 2.0"),
-    (["--erase", "1.5"], "--erase (a probability) must be in [0, 1], got 1.5"),
+    (["--data", "imagefolder", "--data-dir", "/data", "--crop-scale", "2"], "--crop-scale must be in (0, 1], got 2.0"),
+    (["--data", "imagefolder", "--data-dir", "/data", "--erase", "1.5"],
+     "--erase (a probability) must be in [0, 1], got 1.5"),
     (["--batch-size", "0"], "must be a positive integer"),
     (["--dim", "-64"], "must be a positive integer"),
     (["--dim", "30", "--heads", "4"], "--dim 30 must be divisible by --heads 4"),
@@ -316,10 +360,22 @@ def test_truncated_foreign_and_missing_checkpoints_fail_clearly(tmp_path):
     (["--eval-every", "-5"], "must be >= 0"),
     (["--shapes-size", "20", "--batch-size", "16", "--accum", "2"], "more than the 20 training images"),
     (["--data", "imagefolder", "--data-dir", "/nonexistent/imagenet"], "/nonexistent/imagenet does not exist"),
+    (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
+    (["--warmup", "1.5"], "--warmup (a fraction of the steps) must be in [0, 1], got 1.5"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1], got 1.5"),
+    (["--stages", "2", "2"], "--stages is only used by swin-tiny's attention (swin), not by cat-tiny's (cross_axis)"),
+    (["--window", "4"], "--window is only used by swin-tiny's attention (swin)"),
+    (["--erase", "0.25"], "--erase is not used by the shapes data"),
+    (["--download"], "--download is not used by the shapes data"),
+    (["--data", "imagefolder", "--data-dir", "/nonexistent", "--download"],
+     "--download is only for the cifar10 and cifar100 data, not --data imagefolder"),
+    (["--data", "imagefolder", "--data-dir", "/nonexistent", "--shapes-size", "100"],
+     "--shapes-size is only for the shapes data"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, message):
+    tiny = FOLDER_TINY if "--data" in args else TINY
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path), *args])
+        train.main([*tiny, "--max-steps", "1", "--out-dir", str(tmp_path), *args])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -349,7 +405,7 @@ def test_bad_image_folders_fail_with_one_line(tmp_path, capsys, layout, message)
     for split in layout:
         (tmp_path / "data" / split).mkdir(parents=True, exist_ok=True)
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, "--data", "imagefolder", "--data-dir", str(tmp_path / "data"),
+        train.main([*FOLDER_TINY, "--data", "imagefolder", "--data-dir", str(tmp_path / "data"),
                     "--out-dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
@@ -372,7 +428,7 @@ def test_full_disk_fails_at_start(tmp_path, monkeypatch):
 def test_strict_images_stops_with_one_line(tmp_path, capsys):
     image_tree(tmp_path / "data", {"train": {"a": 20, "b": 20}, "val": {"a": 20, "b": 20}})
     (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"not a png")
-    common = [*TINY, "--data", "imagefolder", "--data-dir", str(tmp_path / "data"), "--max-steps", "20",
+    common = [*FOLDER_TINY, "--data", "imagefolder", "--data-dir", str(tmp_path / "data"), "--max-steps", "20",
               "--epochs", "10", "--out-dir", str(tmp_path / "run")]
     with pytest.warns(UserWarning, match="broken.png"):
         assert train.main(common) == 0                  # skipped and counted
@@ -424,24 +480,55 @@ def test_one_process_stops_after_the_step_it_is_in_and_says_so(tmp_path, monkeyp
     assert train.main(common) == 0
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
     err = capsys.readouterr().err
-    assert "SIGTERM: stopping after this step to save a checkpoint (Ctrl-C again quits at once without saving)" in err
+    assert ("SIGTERM: stopping after this step to save a checkpoint (Ctrl-C again, a few seconds later, quits at once "
+            "without saving)") in err
 
 
-def test_a_second_signal_quits_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("seconds_apart,exit_code", [(0.0, 0), (2.0, 130)])
+def test_a_second_signal_quits_at_once_in_one_line(tmp_path, monkeypatch, capsys, seconds_apart, exit_code):
+    """Ctrl-C again, seconds later, quits without saving; the same signal twice at once (torchrun forwards the one
+    its process group got, Ctrl-C or Slurm's SIGTERM) is one request, and the run saves."""
     forward, calls = model.CAT.forward, {"n": 0}
+    clock = {"now": 100.0}
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock["now"])
 
     def twice(self, images):
         calls["n"] += images.device.type != "meta"
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
+            clock["now"] += seconds_apart
             os.kill(os.getpid(), signal.SIGINT)
         return forward(self, images)
 
     monkeypatch.setattr(model.CAT, "forward", twice)
-    assert train.main([*TINY, "--max-steps", "50", "--save-every", "2", "--out-dir", str(tmp_path)]) == 130
+    assert train.main([*TINY, "--max-steps", "50", "--save-every", "2", "--out-dir", str(tmp_path)]) == exit_code
     err = capsys.readouterr().err
-    assert "interrupted: not saved" in err and "Traceback" not in err
-    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2          # the last save stands
+    assert "Traceback" not in err
+    if exit_code:
+        assert "interrupted: not saved" in err
+        assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2      # the last save stands
+    else:
+        assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3      # saved at the step of the signal
+
+
+def test_torchrun_stops_and_saves_within_two_steps_whatever_log_every(tmp_path):
+    """SIGTERM to the process group (a terminal's Ctrl-C, Slurm, timeout), which torchrun forwards to its processes
+    again and follows with SIGKILL 30 s later: the processes agreed on a stop only every --log-every steps, and the
+    forwarded copy counted as a second signal. Now they stop within two steps and save."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *TINY, "--shapes-size", "1000000", "--epochs", "1", "--log-every", "1000000",
+                             "--eval-every", "1000000", "--save-every", "1000000", "--out-dir", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "run.json").exists():
+        time.sleep(0.1)
+    time.sleep(2)                                   # training steps
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert "stopped by signal at step" in output, output[-3000:]
+    step = int(output.split("stopped by signal at step ")[1].split(";")[0])
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == step > 1
 
 
 class InfiniteGradient(torch.autograd.Function):
@@ -556,7 +643,90 @@ def test_tensorboard_gets_the_logged_scalars_and_a_summary_ends_the_run(tmp_path
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
     assert train.main([*TINY, "--max-steps", "3", "--tensorboard", "--out-dir", str(tmp_path)]) == 0
     assert ("dir", str(tmp_path / "tb")) in written
-    assert [step for name, step in written if name == "loss"] == [1, 2, 3] and ("val_top1", 3) in written
+    assert [step for name, step in written if name == "train/loss"] == [1, 2, 3] and ("val/top1", 3) in written
+    assert {name.split("/")[0] for name, _ in written if name != "dir"} == {"train", "val"}   # grouped
+    assert not {"params", "flops_per_image", "world_size"} & {name.split("/")[-1] for name, _ in written}
     out = capsys.readouterr().out
     assert "best" in out and "at step 3 (best.pt)" in out and "images/s" in out
     assert json.loads((tmp_path / "run.json").read_text())["config"]["dim"] == 32
+
+
+# ---------------------------------------------------------------------------------------------- what --overwrite clears
+
+def test_overwrite_clears_nothing_until_every_check_has_passed(tmp_path, capsys):
+    """A typo in --data-dir used to cost the old run: --overwrite deletes only once the start-up checks pass."""
+    common = [*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]
+    assert train.main(common) == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        train.main([*FOLDER_TINY, "--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite",
+                    "--data", "imagefolder", "--data-dir", str(tmp_path / "typo")])
+    assert "typo does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_init_from_a_checkpoint_in_the_folder_being_overwritten_is_refused(tmp_path, capsys):
+    """--init-from OUT/ckpt.pt --overwrite used to delete its own source, then fail with a traceback."""
+    common = [*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]
+    assert train.main(common) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*common, "--overwrite", "--init-from", str(tmp_path / "ckpt.pt")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--init-from" in err and "inside --out-dir" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # from another folder it loads once and trains
+    assert train.main([*TINY, "--max-steps", "2", "--out-dir", str(tmp_path / "tuned"), "--init-from",
+                       str(tmp_path / "ckpt.pt")]) == 0
+
+
+def test_compute_threads_leave_the_loader_workers_their_cores(monkeypatch):
+    """Threads + workers never exceed the cores the process may use (oversubscribed, a CPU step ran 11x slower),
+    at least one thread; torchrun's processes share the cores; an explicit OMP_NUM_THREADS wins."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores in range(1, 9):
+        for workers in range(0, 4):
+            threads = runtime.compute_threads(workers, cores)
+            assert threads == max(1, cores - workers)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.compute_threads(1, 8) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert runtime.compute_threads(1, 8) == 5
+
+
+def test_cuda_bf16_default_needs_real_bf16_units(monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulation unless told not to: a GPU that emulates bf16 gets fp32."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.bf16_is_fast(torch.device("cuda")) is False
+
+
+def test_the_exit_hook_kills_only_our_loader_workers():
+    """Importing runtime must not SIGKILL another library's daemonic children at exit; the workers of our loaders
+    (which ignore SIGTERM) it must."""
+    import multiprocessing
+    import time as clock
+    theirs = multiprocessing.get_context("fork").Process(target=clock.sleep, args=(30,), daemon=True)
+    loader = runtime.signal_safe_loader(list(range(8)), 1, batch_size=4)
+    try:
+        theirs.start()
+        next(iter(loader))
+        ours = loader._iterator._workers[0]
+        try:
+            runtime.end_workers_that_ignore_sigterm()
+            ours.join(5)
+        except RuntimeError as error:               # DataLoader's SIGCHLD handler reports the killed worker
+            assert "killed by signal: Killed" in str(error)
+            ours.join(5)
+        assert ours.exitcode == -signal.SIGKILL
+        assert theirs.is_alive()
+    finally:
+        theirs.kill()
+        theirs.join()
+
+
+def test_torchrun_prints_a_refusal_once(tmp_path):
+    result = torchrun([*TINY, "--ema", "2", "--out-dir", str(tmp_path)], timeout=120)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("--ema must be in [0, 1)") == 1

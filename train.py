@@ -22,17 +22,18 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from checkpoint import (RunFiles, architecture_changes, check_out_dir, check_resumable, check_same_start,
-                        claim_out_dir, fine_tuning_weights, restore, starting_point)
+from checkpoint import (RunFiles, architecture_changes, check_out_dir, check_same_classes, check_same_start,
+                        clear_out_dir, files_to_clear, fine_tuning_weights, keep_images_per_step,
+                        load_starting_point, restore)
 from eval import eval_loader, evaluate
 from model import PRESETS, build_model, count_flops
-from runtime import (ArgumentParser, StopFlag, add_model_flags, all_sum, autocast, boot_id, default_workers,
-                     device_name, in_flag_terms, model_overrides, non_negative_float, non_negative_int, peak_flops,
-                     positive_int, setup_device, use_bf16, workers_leave_signals_to_the_trainer)
+from runtime import (ArgumentParser, StopFlag, add_model_flags, all_sum, autocast, boot_id, compute_threads,
+                     default_workers, device_name, in_flag_terms, model_overrides, non_negative_float,
+                     non_negative_int, peak_flops, positive_int, setup_device, signal_safe_loader,
+                     unused_model_flags, use_bf16)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -73,10 +74,11 @@ def build_parser():
     g.add_argument("--weight-decay", type=non_negative_float, default=0.05,
                    help="AdamW decay of weight matrices only (default 0.05)")
     g.add_argument("--warmup", type=non_negative_float, default=0.05,
-                   help="fraction of the steps in linear warmup before the cosine decay (default 0.05)")
+                   help="fraction of the steps in linear warmup before the cosine decay, 0 to 1 (default 0.05)")
     g.add_argument("--clip-grad", type=non_negative_float, default=1.0, help="max gradient norm (default 1; 0: off)")
-    g.add_argument("--label-smoothing", type=non_negative_float, default=0.1, help="default 0.1")
-    g.add_argument("--ema", type=non_negative_float, default=0.0, help="EMA decay of the weights (0: off)")
+    g.add_argument("--label-smoothing", type=non_negative_float, default=0.1, help="0 to 1 (default 0.1)")
+    g.add_argument("--ema", type=non_negative_float, default=0.0,
+                   help="EMA decay of the weights, below 1, e.g. 0.999 (0: off)")
     g.add_argument("--seed", type=int, default=0, help="weights, data order, augmentation (default 0)")
     g = parser.add_argument_group("system")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -103,8 +105,7 @@ def build_parser():
     g.add_argument("--new-head", action="store_true", help="with --init-from: a new head even for the same classes")
     g.add_argument("--eval-every", type=non_negative_int, default=0, help="steps between evaluations (0: every epoch)")
     g.add_argument("--save-every", type=non_negative_int, default=0, help="steps between checkpoints (0: every epoch)")
-    g.add_argument("--log-every", type=positive_int, default=10, help="steps between metric lines; under torchrun "
-                   "also how often the processes agree on a stop (default 10)")
+    g.add_argument("--log-every", type=positive_int, default=10, help="steps between metric lines (default 10)")
     g.add_argument("--tensorboard", action="store_true", help="also log to OUT_DIR/tb for TensorBoard "
                    "(pip install tensorboard; then tensorboard --logdir runs)")
     return parser
@@ -118,8 +119,15 @@ def parse_args(argv=None):
     for action in typed._actions:                           # a flag not typed leaves no attribute at all
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(typed.parse_args(argv)))
-    if args.data == "shapes" and args.data_dir != "data" and not args.resume:
-        parser.error("--data-dir is not used by the shapes data")
+    args.out_dir = args.out_dir or default_out_dir(args)
+    if not args.resume:                         # resumed: the run's own data, checked against its flags
+        refuse_flags_the_data_ignores(args, parser)
+    if not args.ema < 1:
+        parser.error(f"--ema must be in [0, 1), got {args.ema}: a decay of 1 never moves the average (0: off)")
+    if not args.warmup <= 1:
+        parser.error(f"--warmup (a fraction of the steps) must be in [0, 1], got {args.warmup}")
+    if not args.label_smoothing <= 1:
+        parser.error(f"--label-smoothing must be in [0, 1], got {args.label_smoothing}")
     if args.new_head and not args.init_from:
         parser.error("--new-head needs --init-from")
     if not (args.resume or args.init_from):
@@ -127,10 +135,33 @@ def parse_args(argv=None):
     return args, parser
 
 
+def default_out_dir(args):
+    return os.path.join("runs", f"{args.model}-{args.data}")
+
+
+# Flags that only some data read: typed for other data they would do nothing, silently.
+DATA_FLAGS = {"data_dir": ("imagefolder", "cifar10", "cifar100"), "download": ("cifar10", "cifar100"),
+              "shapes_size": ("shapes",), **dict.fromkeys(("crop_scale", "no_flip", "auto_augment", "erase"),
+                                                          ("imagefolder", "cifar10", "cifar100"))}
+
+
+def refuse_flags_the_data_ignores(args, parser):
+    for name, used_by in DATA_FLAGS.items():
+        if name in args.given and args.data not in used_by:
+            flag = "--" + name.replace("_", "-")
+            if args.data == "shapes":
+                parser.error(f"{flag} is not used by the shapes data (the default --data): add --data "
+                             f"{' or '.join(used_by)}")
+            parser.error(f"{flag} is only for the {' and '.join(used_by)} data, not --data {args.data}")
+
+
 def model_config(args, parser, base, num_classes, may_change=None):
     """`base` (a preset, or with may_change a checkpoint's model) with the model flags typed and --res, for
     num_classes. may_change: the fields a checkpoint's model lets flags change; any other that differs fails."""
     overrides = model_overrides(args)
+    unused = unused_model_flags({k: v for k, v in overrides.items() if k in args.given}, base, args.model)
+    if unused:
+        parser.error(unused[0])
     if "res" in args.given or may_change is None:
         overrides["img_size"] = args.res or base.img_size
     if may_change is not None:
@@ -192,21 +223,26 @@ def train(args, parser):
     is_main, cuda = rank == 0, device.type == "cuda"
     say, warn = (print, lambda text: print(text, file=sys.stderr)) if is_main else (lambda *a: None,) * 2
 
-    # Where the run starts: its own checkpoint (--resume), another run's model (--init-from), or a preset
-    state, resumed_from, base, may_change = starting_point(args, parser, warn)
-    args.out_dir = args.out_dir or os.path.join("runs", f"{args.model}-{args.data}")
+    # Where the run starts: its own checkpoint (--resume), another run's (--init-from: `source`), or a preset
+    state, resumed_from, source, base, may_change = load_starting_point(args, parser, warn)
+    if source is not None and "out_dir" not in args.given:
+        args.out_dir = default_out_dir(args)                    # of the checkpoint's model
     config = model_config(args, parser, base, num_classes=1, may_change=may_change)
-    claim_out_dir(args, parser, state is not None, is_main)
+    old_files = files_to_clear(args, parser, state is not None)     # deleted once every check below has passed
     use_amp = use_bf16(args.amp, device, warn)
     use_compile = cuda if args.compile is None else args.compile
     workers = default_workers(device) if args.workers is None else args.workers
+    torch.set_num_threads(compute_threads(workers))
     torch.manual_seed(args.seed)                                # same initial weights on every process
     random.seed(args.seed)
 
     # Data
     train_set, val_set = build_data(args, parser, config.img_size)
     config = replace(config, num_classes=len(train_set.classes))
-    world_note = None if state is None else check_resumable(state, train_set.classes, args, parser, world)
+    world_note = None
+    if state is not None:
+        check_same_classes(state, train_set.classes, args, parser)
+        world_note = keep_images_per_step(state, args, parser, world)
     sampler = data.ShardedSampler(len(train_set), world, rank, shuffle=True, seed=args.seed,
                                   repeats=args.repeated_aug, drop_last=True)
     per_step = args.batch_size * args.accum                  # images per process and optimizer step
@@ -218,8 +254,8 @@ def train(args, parser):
 
     # Model, optimizer, schedule
     model = build_model(config)
-    if args.init_from and state is None:
-        weights, note = fine_tuning_weights(args.init_from, model, train_set.classes, args.new_head)
+    if source is not None:
+        weights, note = fine_tuning_weights(source, args.init_from, model, train_set.classes, args.new_head)
         model.load_state_dict(weights)
         say(f"--init-from {args.init_from}: {note}")
     model.to(device)
@@ -246,7 +282,9 @@ def train(args, parser):
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if use_compile:
         model = torch.compile(model)
-    files = RunFiles(args, is_main, resumed_from, run["step"])
+    if is_main:
+        clear_out_dir(args.out_dir, old_files)
+    files = RunFiles(args, is_main, resumed_from, run["step"], warn)
     snapshot = lambda metrics: {"config": asdict(config), "args": vars(args), "classes": list(train_set.classes),
                                 "model": raw_model.state_dict(), "ema": ema.state_dict() if ema else None,
                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **run,
@@ -267,7 +305,7 @@ def train(args, parser):
     metrics = None
     bar = tqdm(total=total_steps, initial=run["step"], disable=not is_main, desc="train", dynamic_ncols=True)
     window = new_window(device)          # summed on the device without a sync; read at the check steps
-    with StopFlag(warn) as stop:
+    with StopFlag(warn, world) as stop:
         while run["step"] < total_steps:
             sampler.set_epoch(run["epoch"], consumed=run["samples_in_epoch"])
             steps_left = len(sampler) // per_step
@@ -284,10 +322,11 @@ def train(args, parser):
                 epoch_done = steps_left == 1
                 evaluate_now = step % args.eval_every == 0 if args.eval_every else epoch_done
                 save_now = step % args.save_every == 0 if args.save_every else epoch_done
-                # The processes agree (an all-reduce: it waits on the device) every log_every steps and before any
-                # evaluation or save, before the update: on a stop, and on finite losses and gradients. So no save
-                # follows a non-finite update; a stop under torchrun comes at most log_every - 1 steps late.
-                check = step % args.log_every == 0 or step == total_steps or evaluate_now or save_now
+                stop_now = stop.agreed()            # every step, on every process alike
+                # The processes agree on finite losses and gradients (an all-reduce: it waits on the device) every
+                # log_every steps and before any evaluation, save or stop, before the update: no save follows a
+                # non-finite update.
+                check = step % args.log_every == 0 or step == total_steps or evaluate_now or save_now or stop_now
                 if check:
                     record, stop_vote = agree(window, stop, step, run["epoch"], device, world, files.ckpt)
                 lr = optimizer.param_groups[0]["lr"]                      # the rate this step uses
@@ -317,7 +356,7 @@ def train(args, parser):
                     if is_main:
                         bar.write(f"step {step}: val top-1 {metrics['val_top1']:.2f}%" + (
                             f" (EMA {metrics['ema_val_top1']:.2f}%)" if ema is not None else ""))
-                stopping = (check and stop_vote) or (world == 1 and stop.raised)
+                stopping = stop_now or (check and (stop_vote or (world == 1 and stop.raised)))   # one: at once
                 if stopping or save_now or best:
                     files.save(snapshot(metrics), raw_model, world, latest=stopping or save_now, best=best)
                 if stopping:
@@ -341,7 +380,7 @@ def validate(model, ema, loader, device, amp, world, run, files):
     if ema is not None:
         metrics.update({f"ema_val_{k}": v for k, v in evaluate(ema, loader, device, amp, world).items()})
     metrics.update(step=run["step"], train_seconds=run["train_seconds"])
-    files.log({"epoch": run["epoch"], **metrics})
+    files.log({"epochs_done": run["epoch"], **metrics})
     top1 = metrics.get("ema_val_top1", metrics["val_top1"])
     best = run["best_top1"] is None or top1 > run["best_top1"]
     if best:
@@ -353,9 +392,8 @@ def train_loader(dataset, sampler, batch_size, workers, cuda, seed):
     """Built once: its workers persist from epoch to epoch (the dataset's epoch is in shared memory). Its own
     generator: the worker seed must not come from (and shift) the global RNG, or a run resumed mid-epoch would
     draw different dropout and MixUp than an uninterrupted one."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-                      pin_memory=cuda, worker_init_fn=workers_leave_signals_to_the_trainer,
-                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+    return signal_safe_loader(dataset, workers, batch_size=batch_size, sampler=sampler, drop_last=True,
+                              pin_memory=cuda, generator=torch.Generator().manual_seed(seed))
 
 
 def accumulate_gradients(model, batches, accum, mixer, criterion, device, amp, world, window):
