@@ -240,10 +240,10 @@ def check_out_dir(out_dir, checkpoint_bytes, copies):
 
 # Flags a resumed run may change: where things are, how fast they run and what is logged. Every other flag sets
 # the schedule, the data order or the augmentation, so --resume refuses a change to it (the model flags and --res
-# are checked through the model, --batch-size and --accum by check_resumable). A finished cosine schedule cannot
+# are checked through the model, --batch-size and --accum by keep_images_per_step). A finished cosine schedule cannot
 # be extended in place: more --epochs would send the learning rate back up; --init-from starts a new schedule.
 RESUME_MAY_CHANGE = {"data_dir", "download", "strict_images", "workers", "compile", "amp", "peak_tflops",
-                     "out_dir", "resume", "overwrite", "keep_last", "eval_every", "save_every", "log_every",
+                     "deterministic", "out_dir", "resume", "overwrite", "keep_last", "eval_every", "save_every", "log_every",
                      "tensorboard", "given", "res", "batch_size", "accum", *MODEL_HELP}
 
 
@@ -444,7 +444,7 @@ class RunFiles:
                 records.append((json.loads(line), line))
             except json.JSONDecodeError:
                 if i < len(lines) - 1:
-                    raise CheckpointError(f"{self.metrics}: line {i + 1} is not JSON") from None
+                    raise SystemExit(f"error: {self.metrics}: line {i + 1} is not JSON; mend or remove it to resume")
                 warn(f"warning: {self.metrics}: dropped a partly written last line ({line.strip()[:40]}...)")
         tmp = f"{self.metrics}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

@@ -27,7 +27,7 @@ from checkpoint import CheckpointError, class_map, load_checkpoint, model_from_c
 from model import PRESETS, config_from_dict, count_flops
 from runtime import (ArgumentParser, add_model_flags, all_sum, autocast, compute_threads, default_workers,
                      in_flag_terms, model_overrides, non_negative_int, positive_int, setup_device,
-                     signal_safe_loader, unused_model_flags, use_bf16)
+                     SignalSafeLoader, unused_model_flags, use_bf16)
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "cat-tiny-shapes", "ckpt.pt")   # where the default run writes
 
@@ -149,8 +149,8 @@ def eval_loader(dataset, batch_size, device, workers=0, rank=0, world=1):
     generator: the workers' seed must not be drawn from (and shift) the global one, which a training run's dropout
     and MixUp draw from: a run resumed after a validation would differ from one that was never stopped."""
     shard = Subset(dataset, range(rank, len(dataset), world))
-    return signal_safe_loader(shard, workers, batch_size=batch_size, pin_memory=device.type == "cuda",
-                              generator=torch.Generator())
+    return SignalSafeLoader(shard, workers, batch_size=batch_size, pin_memory=device.type == "cuda",
+                            generator=torch.Generator())
 
 
 @torch.no_grad()

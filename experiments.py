@@ -10,8 +10,8 @@ the 2D rotaries across resolutions, and the paper's 10-epoch headline.
 Each run is `python train.py ...` into runs/imagenette/NAME, then `python eval.py` there at its resolutions. A
 finished run's figures go into --json (assets/imagenette.json), and a run found there is never run again, so the
 sweep can be stopped at any time and restarted in a later session or on another machine (an interrupted run
-resumes from its last epoch if its folder is still there). Runs are ordered so that every table gets its first
-seed before any table gets its second.
+resumes from the checkpoint train.py saved when it was stopped, if its folder is still there). What is left runs
+in the order of the questions it answers (QUESTIONS), then every table's first seed before any table's second.
 
 Every model gets one recipe, not tuned for any of them (RECIPE): AdamW, peak lr 1e-3 with 5% warmup and cosine
 decay, weight decay 0.05 on matrices and kernels, label smoothing 0.1, random-resized crops (scale 0.35-1) and

@@ -1,6 +1,7 @@
 """Check a GPU machine in one command, in at most 8 minutes on one GPU:
 
     python gpu_check.py --out gpu-check               # the CUDA tests, bench.py at 224/384/768 px, a training run
+    python gpu_check.py --out gpu-check --minutes 15  # more time for each stage (a slower GPU compiles slower)
     python gpu_check.py --dry-run --out /tmp/check    # the same stages on the CPU at tiny sizes, in seconds
 
 The stages, each in its own processes under its own time limit:
@@ -63,7 +64,7 @@ print("environment:", json.dumps(info))
 class Plan:
     """What each stage runs, at GPU or dry-run sizes, and the seconds it may take (time left unused moves on)."""
 
-    def __init__(self, dry_run):
+    def __init__(self, dry_run, minutes=8):
         self.dry_run = dry_run
         if dry_run:
             self.limits = {"environment": 30, "tests": 60, "bench": 60, "train": 60}
@@ -74,13 +75,15 @@ class Plan:
                                 "--batch-size", "16", "--workers", "0", "--max-steps", "3", "--log-every", "1",
                                 "--no-compile"]
         else:
-            # 7 min 50 s in all. On the GPU bench.py compiles each model for each resolution, forward+backward and
-            # forward alone: most of its time.
-            self.limits = {"environment": 30, "tests": 150, "bench": 220, "train": 70}
+            # 7 min 50 s in all. bench.py compiles each model at each resolution, its training step and its forward
+            # alone: most of the stage's time.
+            self.limits = {"environment": 20, "tests": 150, "bench": 240, "train": 60}
             # 768 px at batch 32 would need about 55 GiB of activations per model (bench.py's CPU figures x 32)
             self.bench = [((224,), 32), ((384,), 32), ((768,), 8)]
             self.bench_flags = ["--device", "cuda", "--models", "cat-paper", "vit-paper"]
             self.train_flags = ["--model", "cat-tiny", "--max-steps", "300", "--log-every", "20"]
+        # --minutes other than 8: every limit in proportion
+        self.limits = {name: seconds * minutes / 8 for name, seconds in self.limits.items()}
         self.budget = sum(self.limits.values())
 
 
@@ -92,7 +95,7 @@ class Check:
         self.start = time.monotonic()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": ""} if plan.dry_run else {})}
         self.summary = {"dry_run": plan.dry_run, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "budget_s": plan.budget, "stages": []}
+                        "budget_s": round(plan.budget), "stages": []}
 
     def limit(self, name):
         """The stage's own seconds plus what the stages before it left unused."""
@@ -157,19 +160,27 @@ def run(command, log, env, seconds):
     try:
         code = proc.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                pass
+        stop(proc)
         log.write(f"\n[gpu_check: stopped after {seconds:.0f} s]\n")
         return "timeout", time.monotonic() - tick
+    except BaseException:                           # Ctrl-C: its own session keeps the stage from seeing it
+        stop(proc)
+        raise
     return ("ok" if code == 0 else f"failed (exit {code})"), time.monotonic() - tick
+
+
+def stop(proc):
+    """SIGTERM to the command and every process it started, SIGKILL 20 s later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def write_atomically(path, text):
@@ -185,7 +196,7 @@ def environment_figures(log):
     return json.loads(line.removeprefix("environment: "))
 
 
-def test_figures(log):
+def tests_figures(log):
     """Each test's outcome from pytest -v, and pytest's closing line."""
     outcomes = dict(re.findall(r"^(test_\w+\.py::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", log, re.M))
     counts = {o.lower(): list(outcomes.values()).count(o) for o in sorted(set(outcomes.values()))}
@@ -287,10 +298,12 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder for the logs, bench.json, train_metrics.jsonl and the "
                         "summary (created; files of an earlier check there are replaced)")
     parser.add_argument("--dry-run", action="store_true", help="the same stages on the CPU at tiny sizes")
+    parser.add_argument("--minutes", type=float, default=8, help="the whole check's time; every stage's limit follows "
+                        "in proportion (default 8: a slower GPU may need more for the compilations)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = Plan(args.dry_run)
+    plan = Plan(args.dry_run, args.minutes)
     check = Check(out, plan)
     work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     print(f"gpu_check: {'dry run on the CPU' if plan.dry_run else 'GPU'}, at most {plan.budget} s; writing {out}/",
@@ -304,7 +317,7 @@ def main(argv=None):
             return 2
 
         check.stage("tests", [[PYTHON, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "test_cuda.py",
-                               "-k", "not gpu_check"]], test_figures)
+                               "-k", "not gpu_check"]], tests_figures)
 
         bench_json = [work / f"bench-{'-'.join(map(str, res))}.json" for res, _ in plan.bench]
 

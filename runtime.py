@@ -3,12 +3,12 @@ the precision policy, CPU memory, and the record of the machine a run used."""
 import argparse
 import atexit
 import ctypes
+import multiprocessing
 import os
 import re
 import signal
 import sys
 import time
-import weakref
 from contextlib import nullcontext
 from dataclasses import fields
 
@@ -278,17 +278,22 @@ def default_workers(device):
 
 
 
-LOADERS = weakref.WeakSet()         # the loaders whose workers ignore SIGTERM, for end_workers_that_ignore_sigterm
+WORKER_PIDS = set()         # of SignalSafeLoader's workers, which ignore SIGTERM: end_workers_that_ignore_sigterm
 
 
-def signal_safe_loader(dataset, num_workers, **kwargs):
+class SignalSafeLoader(DataLoader):
     """A DataLoader whose workers persist between epochs and ignore Ctrl-C and SIGTERM, which reach the whole
     process group (a terminal, timeout, Slurm, torchrun's shutdown): they leave them to the trainer, which saves
     before it exits, and end with it. A worker that died of the signal first would make the trainer fail instead."""
-    loader = DataLoader(dataset, num_workers=num_workers, persistent_workers=num_workers > 0,
-                        worker_init_fn=workers_leave_signals_to_the_trainer, **kwargs)
-    LOADERS.add(loader)
-    return loader
+
+    def __init__(self, dataset, num_workers, **kwargs):
+        super().__init__(dataset, num_workers=num_workers, persistent_workers=num_workers > 0,
+                         worker_init_fn=workers_leave_signals_to_the_trainer, **kwargs)
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        WORKER_PIDS.update(worker.pid for worker in getattr(iterator, "_workers", []))
+        return iterator
 
 
 def workers_leave_signals_to_the_trainer(_):
@@ -298,13 +303,12 @@ def workers_leave_signals_to_the_trainer(_):
 
 @atexit.register        # registered after multiprocessing's exit handler (torch imports it), so it runs first
 def end_workers_that_ignore_sigterm():
-    """At exit, multiprocessing ends the daemonic children still alive (the workers of a loader that an uncaught
-    error's traceback keeps) with SIGTERM, then waits for them: ours ignore it, so they get SIGKILL first. Only
-    the workers of our loaders (signal_safe_loader): other children are left to multiprocessing."""
-    for loader in list(LOADERS):
-        for worker in getattr(loader._iterator, "_workers", []):        # a persistent loader keeps its iterator
-            if worker.is_alive():
-                worker.kill()
+    """At exit, multiprocessing ends the daemonic children still alive (the workers of an iterator that an
+    uncaught error's traceback keeps) with SIGTERM, then waits for them: ours ignore it, so they get SIGKILL
+    first. Only SignalSafeLoader's workers: other children are left to multiprocessing."""
+    for child in multiprocessing.active_children():
+        if child.pid in WORKER_PIDS:
+            child.kill()
 
 
 class StopFlag:

@@ -224,6 +224,7 @@ def test_export_round_trip(config):
     torch.testing.assert_close(program.module()(other), model(other), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos", ["mixed", "scaled"])
 def test_export_with_dynamic_image_size(pos):
     """Batch, height and width stay symbolic with the in-graph rotaries (axial, mixed, scaled: cat-tiny's) or no
@@ -293,6 +294,7 @@ def test_init_from_refuses_another_model_in_one_line(tmp_path, capsys):
     assert hint == "(python train.py --help lists every flag)"
 
 
+@pytest.mark.slow
 def test_init_from_takes_the_model_from_the_checkpoint_and_says_what_it_loaded(tmp_path, capsys):
     """No architecture flags retyped; the head is kept only for the same class names (--new-head: never)."""
     source = tmp_path / "source"

@@ -34,7 +34,7 @@ def one_block(name):
 # Every preset with its own positional scheme (cat-tiny and swin-tiny at tiny()'s size: both axes of `alternate`,
 # and Swin's patch merging; the others in one block). Then every other scheme in one block of cat-tiny (the ViT-style
 # families share the rotary code) or one stage of swin-tiny, the rotaries traced inside their sums with `ape` or
-# `rpb` (ape+axial traces axial's code, and ape's); the class token; gradient checkpointing. 13 s on 2 CPU cores.
+# `rpb` (ape+axial traces axial's code, and ape's); the class token; gradient checkpointing. 16 s on 2 CPU cores.
 CASES = [*((name, {} if name in ("cat-tiny", "swin-tiny") else one_block(name)) for name in PRESETS),
          *(("cat-tiny", {"pos": pos, "depth": 1}) for pos in ("none", "ape+cat", "ape+axial", "ape+mixed")),
          *(("swin-tiny", {"pos": pos, "stages": (2,)}) for pos in ("rpb+axial", "rpb+mixed", "swinv2")),

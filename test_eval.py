@@ -64,6 +64,7 @@ def test_eval_model_weights_and_form_override(checkpoint):
     assert linear["loss"] == pytest.approx(quadratic["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_matches_one_process(checkpoint):
     one = evaluate_script.main(["--ckpt", checkpoint, "--workers", "0"])[0]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -138,6 +139,7 @@ def test_unreadable_val_images_are_left_out_and_counted(tmp_path, capsys):
     assert "unreadable" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path, tf32_on):
     # one precision policy everywhere (runtime.fp32_means_fp32): the benchmark used to turn TF32 on
     result = bench.main(["--smoke", "--kernel-ceiling", "--json", str(tmp_path / "bench.json")])

@@ -284,6 +284,7 @@ def test_complex_and_real_rotations_agree(interleaved):
     torch.testing.assert_close(turned_b, a * angles.sin() + b * angles.cos())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotation_backward_is_the_derivative(interleaved):
     """Rotation's closed-form backward, against finite differences in fp64 (gradcheck), with the angles broadcast

@@ -26,6 +26,7 @@ def logits_and_gradients(config, res, amp):
     return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("res", [224, 768])
 @pytest.mark.parametrize("attn", list(FAMILIES))
 def test_bf16_follows_fp32(attn, res):
@@ -42,6 +43,7 @@ def test_bf16_follows_fp32(attn, res):
     assert F.cosine_similarity(grads16, grads32, dim=0) > 0.9999
 
 
+@pytest.mark.slow
 def test_bf16_training_follows_the_fp32_loss_curve(tmp_path):
     """30 steps at 64 px: the bf16 run's losses stay within 0.03 of the fp32 run's (at 32 px: at most ~0.01)."""
     losses = {}

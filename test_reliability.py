@@ -119,6 +119,7 @@ def reference(tmp_path_factory, driver):
 
 # ---------------------------------------------------------------------------------------------- crashes
 
+@pytest.mark.slow
 def test_sigkilled_worker_restarts_and_ends_with_the_uninterrupted_weights(tmp_path, driver, reference):
     """torchrun --max-restarts=1 and --resume auto: rank 1 is SIGKILLed in step 7, the group restarts from the
     checkpoint of step 4, redoes steps 5-6 and ends bit-identical to the uninterrupted run. (Without a store
@@ -140,6 +141,7 @@ def test_sigkilled_worker_restarts_and_ends_with_the_uninterrupted_weights(tmp_p
 
 # ---------------------------------------------------------------------------------------------- multi-node
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_match_one_node(tmp_path, reference):
     """Two torchrun launches, one process each, meeting through c10d rendezvous on 127.0.0.1, as two machines
     would: the same losses as one node with 2 processes."""
@@ -187,6 +189,7 @@ def test_effective_batch_is_kept_or_the_change_is_said():
     assert note.startswith("48 images a step instead of 32") and args.accum == 1
 
 
+@pytest.mark.slow
 def test_two_to_one_to_two_processes_skips_and_repeats_no_sample(tmp_path, monkeypatch, capsys, driver, reference):
     """The reference run's checkpoint of step 4 (epoch 0, 2 processes) is resumed on 1 process, which stops in
     step 6; 2 processes finish. Each of epoch 0's images is seen once, and the schedule goes on."""
@@ -244,6 +247,7 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+@pytest.mark.slow
 def test_keep_last_best_and_fallback_from_a_corrupt_latest_checkpoint(tmp_path, capsys):
     common = [*TINY, "--max-steps", "6", "--save-every", "2", "--eval-every", "3", "--keep-last", "3",
               "--out-dir", str(tmp_path)]

@@ -63,6 +63,7 @@ def torchrun(args, **kwargs):
 
 # ---------------------------------------------------------------------------------------------- learning
 
+@pytest.mark.slow
 def test_tiny_run_learns(tmp_path):
     assert train.main([*TINY, "--shapes-size", "2048", "--batch-size", "32", "--max-steps", "300", "--epochs", "10",
                        "--lr", "3e-3", "--out-dir", str(tmp_path), "--eval-every", "1000", "--save-every", "1000"]) == 0
@@ -99,6 +100,7 @@ def test_amp_asked_for_on_a_cpu_without_bf16_units_warns(tmp_path, monkeypatch, 
 
 # ---------------------------------------------------------------------------------------------- resume
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     """Interrupted by SIGTERM mid-epoch, then resumed: the same losses, learning rates and weights as a run
     that was never interrupted, with every source of randomness switched on."""
@@ -121,6 +123,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert a["metrics"]["val_top1"] == b["metrics"]["val_top1"]
 
 
+@pytest.mark.slow
 def test_resume_with_other_validation_and_workers_trains_the_same(tmp_path, monkeypatch):
     """--eval-every and --workers may change on resume (RESUME_MAY_CHANGE): neither may change what training draws."""
     common = [*TINY, *NOISY, "--max-steps", "12", "--epochs", "3"]
@@ -135,6 +138,7 @@ def test_resume_with_other_validation_and_workers_trains_the_same(tmp_path, monk
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
 
 
+@pytest.mark.slow
 def test_resume_without_out_dir_uses_the_default_folder(tmp_path, monkeypatch):
     """The documented torchrun --max-restarts command has no --out-dir: --resume auto, then --resume, find
     runs/MODEL-DATA."""
@@ -162,6 +166,7 @@ def test_resume_survives_a_partly_written_metrics_line(tmp_path, monkeypatch, ca
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_exits_cleanly(tmp_path, monkeypatch):
     """A real Ctrl-C to a running training process: it saves a resumable checkpoint and exits 0 in seconds."""
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--max-steps", "100000", "--epochs", "1000",
@@ -185,6 +190,7 @@ def test_sigint_saves_and_exits_cleanly(tmp_path, monkeypatch):
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == state["step"] + 2
 
 
+@pytest.mark.slow
 def test_sigint_during_validation_saves_and_exits_cleanly(tmp_path):
     """Ctrl-C reaches the whole foreground process group, the validation loader's workers included. They used
     to die of it, and the run crashed instead of saving. (Forked workers inherit the trainer's handler by
@@ -210,6 +216,7 @@ sys.exit(train.main({[*TINY, "--max-steps", "50", "--epochs", "10", "--eval-ever
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_that_change_the_schedule_or_data(tmp_path, capsys):
     """More --epochs used to keep the old scheduler length, so the learning rate climbed back to its peak;
     another --batch-size resumed the sampler at the wrong position."""
@@ -230,6 +237,7 @@ def test_resume_refuses_flags_that_change_the_schedule_or_data(tmp_path, capsys)
 
 # ---------------------------------------------------------------------------------------------- DDP
 
+@pytest.mark.slow
 def test_ddp_two_processes_resume_exactly(tmp_path):
     """gloo on CPU: 2 processes train; SIGTERM to torchrun stops both at the same step with one checkpoint;
     resuming gives the uninterrupted run's losses. (Resuming on another number of processes: test_reliability.py.)"""
@@ -279,6 +287,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+@pytest.mark.slow
 def test_checkpoint_write_survives_kill_9(tmp_path):
     """kill -9 in the middle of a checkpoint write leaves the previous checkpoint whole."""
     path = tmp_path / "ckpt.pt"
@@ -440,6 +449,7 @@ def test_strict_images_stops_with_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- what a user meets
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_saves(tmp_path):
     """timeout, Slurm and torchrun's shutdown signal the whole process group: the loader's workers must leave the
     signal to the trainer (they used to die of it first, and the trainer failed without saving)."""
@@ -458,6 +468,7 @@ def test_sigterm_to_the_whole_process_group_saves(tmp_path):
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] >= 3
 
 
+@pytest.mark.slow
 def test_a_crash_with_loader_workers_exits_instead_of_hanging(tmp_path):
     """The workers ignore SIGTERM (above), and at exit multiprocessing ends live workers with SIGTERM and waits for
     them: an uncaught error, whose traceback keeps the loader alive until then, used to hang the process for good."""
@@ -511,6 +522,7 @@ def test_a_second_signal_quits_at_once_in_one_line(tmp_path, monkeypatch, capsys
         assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3      # saved at the step of the signal
 
 
+@pytest.mark.slow
 def test_torchrun_stops_and_saves_within_two_steps_whatever_log_every(tmp_path):
     """SIGTERM to the process group (a terminal's Ctrl-C, Slurm, timeout), which torchrun forwards to its processes
     again and follows with SIGKILL 30 s later: the processes agreed on a stop only every --log-every steps, and the
@@ -562,6 +574,7 @@ def test_finite_loss_with_non_finite_gradients_stops_before_the_update_and_saves
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+@pytest.mark.slow
 def test_a_new_run_leaves_another_runs_files_alone(tmp_path, capsys):
     common = [*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]
     assert train.main(common) == 0
@@ -577,6 +590,7 @@ def test_a_new_run_leaves_another_runs_files_alone(tmp_path, capsys):
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["args"]["seed"] == 1
 
 
+@pytest.mark.slow
 def test_resume_needs_no_flags_and_names_a_changed_model_flag(tmp_path, monkeypatch, capsys):
     """--resume takes the run's own flags; those typed are compared by their effective values."""
     common = [*TINY, "--max-steps", "6", "--eval-every", "1000", "--lr", "1e-3"]
@@ -665,6 +679,7 @@ def test_overwrite_clears_nothing_until_every_check_has_passed(tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_init_from_a_checkpoint_in_the_folder_being_overwritten_is_refused(tmp_path, capsys):
     """--init-from OUT/ckpt.pt --overwrite used to delete its own source, then fail with a traceback."""
     common = [*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]
@@ -704,15 +719,18 @@ def test_cuda_bf16_default_needs_real_bf16_units(monkeypatch):
 
 def test_the_exit_hook_kills_only_our_loader_workers():
     """Importing runtime must not SIGKILL another library's daemonic children at exit; the workers of our loaders
-    (which ignore SIGTERM) it must."""
+    (which ignore SIGTERM) it must, also when only their iterator is left (a traceback keeps it)."""
     import multiprocessing
     import time as clock
     theirs = multiprocessing.get_context("fork").Process(target=clock.sleep, args=(30,), daemon=True)
-    loader = runtime.signal_safe_loader(list(range(8)), 1, batch_size=4)
+    loader = runtime.SignalSafeLoader(list(range(8)), 1, batch_size=4)
     try:
         theirs.start()
-        next(iter(loader))
-        ours = loader._iterator._workers[0]
+        batches = iter(loader)
+        next(batches)
+        ours = batches._workers[0]
+        loader._iterator = None                     # the iterator outlives its loader
+        del loader
         try:
             runtime.end_workers_that_ignore_sigterm()
             ours.join(5)
@@ -726,6 +744,7 @@ def test_the_exit_hook_kills_only_our_loader_workers():
         theirs.join()
 
 
+@pytest.mark.slow
 def test_torchrun_prints_a_refusal_once(tmp_path):
     result = torchrun([*TINY, "--ema", "2", "--out-dir", str(tmp_path)], timeout=120)
     assert result.returncode != 0

@@ -32,7 +32,7 @@ from eval import eval_loader, evaluate
 from model import PRESETS, build_model, count_flops
 from runtime import (ArgumentParser, StopFlag, add_model_flags, all_sum, autocast, boot_id, compute_threads,
                      default_workers, device_name, in_flag_terms, model_overrides, non_negative_float,
-                     non_negative_int, peak_flops, positive_int, setup_device, signal_safe_loader,
+                     non_negative_int, peak_flops, positive_int, setup_device, SignalSafeLoader,
                      unused_model_flags, use_bf16)
 
 
@@ -88,6 +88,10 @@ def build_parser():
                         "would be emulated, --amp warns)")
     g.add_argument("--peak-tflops", type=non_negative_float, default=None,
                    help="device peak for the MFU column (default: known GPUs only)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="CUDA: deterministic kernels (torch.use_deterministic_algorithms), so that a resumed run "
+                        "matches an uninterrupted one bit for bit; slower (docs/reliability.md)")
+
     g = parser.add_argument_group("output")
     g.add_argument("--out-dir", default=None, help="the run's folder (default: runs/MODEL-DATA)")
     g.add_argument("--resume", nargs="?", const="required", default=None, choices=("required", "auto"),
@@ -219,6 +223,9 @@ def warn_dropped(n_images, used, args, world, parser, warn):
 
 
 def train(args, parser):
+    if args.deterministic:              # before the first CUDA call: cuBLAS sizes its workspace once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     rank, world, device = setup_device()
     is_main, cuda = rank == 0, device.type == "cuda"
     say, warn = (print, lambda text: print(text, file=sys.stderr)) if is_main else (lambda *a: None,) * 2
@@ -392,8 +399,8 @@ def train_loader(dataset, sampler, batch_size, workers, cuda, seed):
     """Built once: its workers persist from epoch to epoch (the dataset's epoch is in shared memory). Its own
     generator: the worker seed must not come from (and shift) the global RNG, or a run resumed mid-epoch would
     draw different dropout and MixUp than an uninterrupted one."""
-    return signal_safe_loader(dataset, workers, batch_size=batch_size, sampler=sampler, drop_last=True,
-                              pin_memory=cuda, generator=torch.Generator().manual_seed(seed))
+    return SignalSafeLoader(dataset, workers, batch_size=batch_size, sampler=sampler, drop_last=True,
+                            pin_memory=cuda, generator=torch.Generator().manual_seed(seed))
 
 
 def accumulate_gradients(model, batches, accum, mixer, criterion, device, amp, world, window):
