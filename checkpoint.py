@@ -243,8 +243,8 @@ def check_out_dir(out_dir, checkpoint_bytes, copies):
 # are checked through the model, --batch-size and --accum by keep_images_per_step). A finished cosine schedule cannot
 # be extended in place: more --epochs would send the learning rate back up; --init-from starts a new schedule.
 RESUME_MAY_CHANGE = {"data_dir", "download", "strict_images", "workers", "compile", "amp", "peak_tflops",
-                     "deterministic", "out_dir", "resume", "overwrite", "keep_last", "eval_every", "save_every", "log_every",
-                     "tensorboard", "given", "res", "batch_size", "accum", *MODEL_HELP}
+                     "deterministic", "out_dir", "resume", "overwrite", "keep_last", "eval_every", "save_every",
+                     "log_every", "tensorboard", "given", "res", "batch_size", "accum", *MODEL_HELP}
 
 
 def load_starting_point(args, parser, warn):
@@ -346,7 +346,7 @@ def refusal(changed, path):
                 f"it, or train the other model as a new run in another --out-dir")
     return (f"the run was trained with other values of flags that set the schedule or the data: {', '.join(changed)}. "
             f"Leave them out to continue with the run's own; to train on from its weights with a new schedule, "
-            f"start a new run with --init-from {path}")
+            f"start a new run in another --out-dir with --init-from {path}")
 
 
 def check_same_start(step, world):
@@ -397,6 +397,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def tensorboard_writer():
+    """TensorBoard's SummaryWriter, or a one-line exit naming the package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
 def board_scalars(record):
     """TensorBoard's tags of a metrics line: an evaluation's as val/top1, val/ema_top1, ...; a log step's as
     train/loss, train/lr, ..."""
@@ -427,11 +436,8 @@ class RunFiles:
         if resumed_from and os.path.exists(self.metrics):
             self.keep_lines_up_to(step, warn)
         if args.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard")
-            self.board = SummaryWriter(os.path.join(args.out_dir, "tb"), purge_step=step + 1 if resumed_from else None)
+            self.board = tensorboard_writer()(os.path.join(args.out_dir, "tb"),
+                                              purge_step=step + 1 if resumed_from else None)
 
     def keep_lines_up_to(self, step, warn):
         """Drop the lines of the steps after `step` (a resume redoes them) and a last line that a full disk left

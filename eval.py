@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 from checkpoint import CheckpointError, class_map, load_checkpoint, model_from_checkpoint
-from model import PRESETS, config_from_dict, count_flops
+from model import PRESETS, config_from_dict, count_flops, nearest_sizes
 from runtime import (ArgumentParser, add_model_flags, all_sum, autocast, compute_threads, default_workers,
                      in_flag_terms, model_overrides, non_negative_int, positive_int, setup_device,
                      SignalSafeLoader, unused_model_flags, use_bf16)
@@ -85,8 +85,7 @@ def main(argv=None):
     resolutions = args.res or [config.img_size]
     bad = [r for r in resolutions if r % config.patch]
     if bad:
-        nearest = ", ".join(f"{r // config.patch * config.patch} or {(r // config.patch + 1) * config.patch}"
-                            for r in bad)
+        nearest = ", ".join(" or ".join(map(str, nearest_sizes(r, config.patch))) for r in bad)
         parser.error(f"--res {' '.join(map(str, bad))} not divisible by the patch size {config.patch} (the nearest: "
                      f"{nearest})")
     name = args.data or trained.get("data", "shapes")

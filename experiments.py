@@ -31,6 +31,7 @@ import time
 import torch
 
 import runtime
+from checkpoint import load_checkpoint
 
 OUT = os.path.join("runs", "imagenette")
 DATA = os.path.join("..", "shared", "data", "imagenette-160")     # the default --data-dir
@@ -117,10 +118,10 @@ def plan(seeds, data_dir=DATA):
     return {name: v for key in sorted(groups) for name, v in groups[key].items()}
 
 
-# What is left to run goes in the order of the questions it answers (docs/results.md): does the convolutional stem
-# help; what fp32 changes (before any fp32 run joins the tables); is `scaled` better than `cat` beyond the seed
-# noise; does RoPE-Mixed lose at 2x inside a ViT as it does inside CAT. Then the rest, in plan order.
-QUESTIONS = ("cat-tiny-conv-stem", "vit-tiny-conv-stem", "rotary-cat-fp32", "cat-tiny-scaled", "vit-rotary")
+# What is left to run goes in the order of the questions it answers (docs/results.md): what fp32 changes (the
+# cheapest run, and before any fp32 run joins the tables); does the convolutional stem help; is `scaled` better
+# than `cat` beyond the seed noise; does RoPE-Mixed lose at 2x inside a ViT as it does inside CAT. Then the rest.
+QUESTIONS = ("rotary-cat-fp32", "cat-tiny-conv-stem", "vit-tiny-conv-stem", "cat-tiny-scaled", "vit-rotary")
 
 
 def by_question(name):
@@ -200,13 +201,26 @@ def run(name, flags, res):
     # the loader worker a core of its own, which a busy machine needs: docs/training.md, threads).
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))}
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(training[1:])}", flush=True)
-    subprocess.run(training, check=True, stdout=subprocess.DEVNULL, env=env)
-    state = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    run_command(training, env)
+    state = load_checkpoint(os.path.join(out, "ckpt.pt"))
     if state["step"] < state["total_steps"]:            # stopped by a signal: it saved, and resumes next time
         sys.exit(f"{name}: training stopped at step {state['step']} of {state['total_steps']}; run the sweep again "
                  f"to continue it")
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(evaluation[1:])}", flush=True)
-    subprocess.run(evaluation, check=True, stdout=subprocess.DEVNULL, env=env)
+    run_command(evaluation, env)
+
+
+def run_command(command, env):
+    """subprocess.run(check=True), except that Ctrl-C, which reaches train.py too, waits for it to save and exit
+    (subprocess.run would kill it a quarter of a second later, mid-step)."""
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env) as process:
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            process.wait()
+            raise
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
 
 
 def save(results, path, commit, name):

@@ -33,6 +33,12 @@ CHOICES = {
 }
 
 
+def nearest_sizes(res, patch):
+    """The image sizes divisible by the patch just below and above res (only the patch itself below it)."""
+    below = res // patch * patch
+    return (below, below + patch) if below else (patch,)
+
+
 @dataclass
 class CATConfig:
     """Every model option. The defaults are the paper's model (`cat-paper`), with both axes seen."""
@@ -75,9 +81,8 @@ class CATConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.img_size % self.patch:
-            below = self.img_size // self.patch * self.patch
             raise ValueError(f"img_size ({self.img_size}) must be divisible by patch ({self.patch}): the nearest sizes "
-                             f"are {below or self.patch} and {below + self.patch}")
+                             f"are {' and '.join(map(str, nearest_sizes(self.img_size, self.patch)))}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         swin = self.attn == "swin"

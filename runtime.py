@@ -8,8 +8,8 @@ import os
 import re
 import signal
 import sys
-import time
 from contextlib import nullcontext
+from time import monotonic
 from dataclasses import fields
 
 import torch
@@ -261,8 +261,8 @@ def compute_threads(workers, cores=None):
     processes torchrun started on this machine), less its loader workers, at least one; OMP_NUM_THREADS, when set
     (torchrun sets 1 for several processes), wins. Oversubscribed, the compute threads wait on each other:
     `python train.py` ran at 15 images/s instead of 169 beside another job on 2 cores (docs/training.md)."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if os.environ.get("OMP_NUM_THREADS"):                      # "4" or, nested, "4,2": the outer level
+        return max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - workers)
@@ -312,8 +312,9 @@ def end_workers_that_ignore_sigterm():
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM while training: the run saves and exits after the current step, under torchrun at most
-    two steps later (agreed). A second signal, REPEAT_SECONDS or more after the first, interrupts at once; an earlier
+    """Set by SIGINT/SIGTERM while training: the run saves and exits after the current step (one process; after the
+    next for a signal during the update of a step that is not a log step), under torchrun at most two steps later
+    (agreed). A second signal, REPEAT_SECONDS or more after the first, interrupts at once; an earlier
     one is the same request delivered twice (torchrun forwards the signal that its process group got too). The
     previous handlers come back on exit."""
     REPEAT_SECONDS = 2.0
@@ -349,10 +350,10 @@ class StopFlag:
 
     def handle(self, signum, frame):
         if self.raised:
-            if time.monotonic() - self.raised_at >= self.REPEAT_SECONDS:
+            if monotonic() - self.raised_at >= self.REPEAT_SECONDS:
                 raise KeyboardInterrupt
             return
-        self.raised, self.raised_at = True, time.monotonic()
+        self.raised, self.raised_at = True, monotonic()
         self.say(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
                  f"(Ctrl-C again, a few seconds later, quits at once without saving)")
 

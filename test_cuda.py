@@ -107,7 +107,8 @@ def test_resume_on_cuda_is_exact_with_deterministic_algorithms(tmp_path):
     run(straight)
     run(broken, stop_at=11)
     assert load_checkpoint(str(broken / "ckpt.pt"))["step"] == 11
-    run(broken, "--resume")
+    subprocess.run([sys.executable, "-c", DETERMINISTIC_TRAIN, "--out-dir", str(broken), "--resume"], cwd=REPO,
+                   env=env, check=True, capture_output=True, timeout=300)        # the run's own --deterministic
     assert len(step_losses(straight)) == 20 and step_losses(broken) == step_losses(straight)
     a, b = load_checkpoint(str(straight / "ckpt.pt")), load_checkpoint(str(broken / "ckpt.pt"))
     for key in ("model", "ema"):

@@ -263,9 +263,9 @@ def test_the_sweep_trains_in_fp32_where_bf16_would_be_emulated(monkeypatch):
     """The recipe trains in bf16: on an AVX2-only CPU, emulated, one run would take days (65 s a vit-tiny step), so
     there it trains and evaluates in fp32; with bf16 units, as the recipe says."""
     launched = []
-    monkeypatch.setattr(experiments.subprocess, "run", lambda command, env, **kwargs: launched.append(command[1:]) or
+    monkeypatch.setattr(experiments, "run_command", lambda command, env: launched.append(command[1:]) or
                         threads.append(env["OMP_NUM_THREADS"]))
-    monkeypatch.setattr(experiments.torch, "load", lambda *a, **k: {"step": 5, "total_steps": 5})
+    monkeypatch.setattr(experiments, "load_checkpoint", lambda path: {"step": 5, "total_steps": 5})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -282,15 +282,15 @@ def test_the_sweep_trains_in_fp32_where_bf16_would_be_emulated(monkeypatch):
 def test_a_run_stopped_by_a_signal_is_not_evaluated(monkeypatch):
     """train.py saves and exits 0 on SIGTERM: the sweep must not evaluate (and record) the half-trained run."""
     launched = []
-    monkeypatch.setattr(experiments.subprocess, "run", lambda command, **kwargs: launched.append(command[1]))
-    monkeypatch.setattr(experiments.torch, "load", lambda *a, **k: {"step": 3, "total_steps": 5})
+    monkeypatch.setattr(experiments, "run_command", lambda command, env: launched.append(command[1]))
+    monkeypatch.setattr(experiments, "load_checkpoint", lambda path: {"step": 3, "total_steps": 5})
     with pytest.raises(SystemExit, match="vit-tiny-e10-s1: training stopped at step 3 of 5"):
         experiments.run("vit-tiny-e10-s1", [], [128])
     assert launched == ["train.py"]
 
 
 def test_the_queue_follows_the_questions(monkeypatch):
-    """What is left runs in the order of the questions it answers: the stems, the fp32 calibration, `scaled`'s
+    """What is left runs in the order of the questions it answers: the fp32 calibration, the stems, `scaled`'s
     seeds, the rotaries inside ViT seed by seed, then the rest."""
     results = experiments.load_results(experiments.RESULTS)
     done = {name: r for name, r in results.items()
@@ -299,7 +299,7 @@ def test_the_queue_follows_the_questions(monkeypatch):
     runs = {**experiments.plan([0, 1, 2]), **experiments.equal_time_plan([0, 1, 2], done)}
     order = sorted((n for n in runs if n not in done), key=experiments.by_question)
     vit_rotaries = [f"vit-rotary-{pos}-s{seed}" for seed in (0, 1) for pos in experiments.VIT_ROTARIES]
-    assert order[:15] == ["cat-tiny-conv-stem-s0", "vit-tiny-conv-stem-s0", "rotary-cat-fp32-s0",
+    assert order[:15] == ["rotary-cat-fp32-s0", "cat-tiny-conv-stem-s0", "vit-tiny-conv-stem-s0",
                           "cat-tiny-scaled-s1", "cat-tiny-scaled-s2", *vit_rotaries]
 
 
@@ -407,3 +407,21 @@ def test_eval_matches_classes_by_name_and_refuses_others(tmp_path, capsys):
         evaluate_script.main(["--ckpt", ckpt, "--data-dir", str(tmp_path / "none"), "--workers", "0"])
     err = capsys.readouterr().err
     assert f"{tmp_path / 'none'}/val/CLASS/*" in err and "train/" not in err     # names only what eval needs
+
+
+def test_ctrl_c_lets_the_sweeps_training_save_before_it_stops(tmp_path):
+    """Ctrl-C reaches the sweep and its train.py alike: subprocess.run killed the child 0.25 s later, mid-step, so
+    nothing was saved; run_command waits for it."""
+    child = tmp_path / "child.py"
+    child.write_text("import signal, sys, time\n"
+                     "signal.signal(signal.SIGINT, lambda *a: (time.sleep(1), open(sys.argv[1], 'w').write('saved'),"
+                     " sys.exit(0)))\n"
+                     "time.sleep(30)\n")
+    driver = (f"import os, signal, sys, threading, experiments\n"
+              f"threading.Timer(1.0, lambda: os.killpg(0, signal.SIGINT)).start()\n"
+              f"experiments.run_command([sys.executable, {str(child)!r}, {str(tmp_path / 'saved')!r}],"
+              f" dict(os.environ))\n")
+    result = subprocess.run([sys.executable, "-c", driver], cwd=Path(__file__).parent, capture_output=True, text=True,
+                            timeout=60, start_new_session=True)
+    assert "KeyboardInterrupt" in result.stderr
+    assert (tmp_path / "saved").read_text() == "saved"

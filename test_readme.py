@@ -65,7 +65,7 @@ CHECKS = {'PRESETS["cat-paper"]': check_model_block, "photo.jpg": check_inferenc
 def test_the_readme_has_its_blocks_and_each_is_checked():
     assert len(BLOCKS) >= 3
     for line, source in BLOCKS:
-        assert sum(key in source for key in CHECKS) <= 1, f"README.md:{line} matches several CHECKS keys"
+        assert sum(key in source for key in CHECKS) == 1, f"README.md:{line} must match exactly one CHECKS key"
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,9 @@ def interrupt_at_forward(monkeypatch, call):
     forward = model.CAT.forward
 
     def counting_forward(self, images):
-        calls["n"] += images.device.type != "meta" and self.training
-        if calls["n"] == call:
+        counted = images.device.type != "meta" and self.training
+        calls["n"] += counted
+        if counted and calls["n"] == call:
             os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, images)
 
@@ -501,7 +502,7 @@ def test_a_second_signal_quits_at_once_in_one_line(tmp_path, monkeypatch, capsys
     its process group got, Ctrl-C or Slurm's SIGTERM) is one request, and the run saves."""
     forward, calls = model.CAT.forward, {"n": 0}
     clock = {"now": 100.0}
-    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(runtime, "monotonic", lambda: clock["now"])
 
     def twice(self, images):
         calls["n"] += images.device.type != "meta"
@@ -523,7 +524,7 @@ def test_a_second_signal_quits_at_once_in_one_line(tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.slow
-def test_torchrun_stops_and_saves_within_two_steps_whatever_log_every(tmp_path):
+def test_torchrun_stops_and_saves_whatever_log_every(tmp_path):
     """SIGTERM to the process group (a terminal's Ctrl-C, Slurm, timeout), which torchrun forwards to its processes
     again and follows with SIGKILL 30 s later: the processes agreed on a stop only every --log-every steps, and the
     forwarded copy counted as a second signal. Now they stop within two steps and save."""
@@ -677,6 +678,24 @@ def test_overwrite_clears_nothing_until_every_check_has_passed(tmp_path, capsys)
                     "--data", "imagefolder", "--data-dir", str(tmp_path / "typo")])
     assert "typo does not exist" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.MonkeyPatch.context() as patch:             # --tensorboard without the package
+        patch.setitem(sys.modules, "torch.utils.tensorboard", None)
+        with pytest.raises(SystemExit, match="pip install tensorboard"):
+            train.main([*TINY, "--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite", "--tensorboard"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_deterministic_is_the_runs_own_flag_on_resume(tmp_path, monkeypatch):
+    """--deterministic must hold for the resume that train.py prints (`--out-dir X --resume`, no flags): it was
+    read before the run's own flags were."""
+    switched = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", switched.append)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    interrupt_at_forward(monkeypatch, call=2)
+    assert train.main([*TINY, "--max-steps", "4", "--deterministic", "--out-dir", str(tmp_path)]) == 0
+    assert switched == [True]
+    assert train.main(["--out-dir", str(tmp_path), "--resume"]) == 0
+    assert switched == [True, True]
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 from checkpoint import (RunFiles, architecture_changes, check_out_dir, check_same_classes, check_same_start,
                         clear_out_dir, files_to_clear, fine_tuning_weights, keep_images_per_step,
-                        load_starting_point, restore)
+                        load_starting_point, restore, tensorboard_writer)
 from eval import eval_loader, evaluate
 from model import PRESETS, build_model, count_flops
 from runtime import (ArgumentParser, StopFlag, add_model_flags, all_sum, autocast, boot_id, compute_threads,
@@ -89,8 +89,9 @@ def build_parser():
     g.add_argument("--peak-tflops", type=non_negative_float, default=None,
                    help="device peak for the MFU column (default: known GPUs only)")
     g.add_argument("--deterministic", action="store_true",
-                   help="CUDA: deterministic kernels (torch.use_deterministic_algorithms), so that a resumed run "
-                        "matches an uninterrupted one bit for bit; slower (docs/reliability.md)")
+                   help="deterministic kernels (torch.use_deterministic_algorithms), so that a resumed run on CUDA "
+                        "matches an uninterrupted one bit for bit (on CPU it does anyway); slower "
+                        "(docs/reliability.md)")
 
     g = parser.add_argument_group("output")
     g.add_argument("--out-dir", default=None, help="the run's folder (default: runs/MODEL-DATA)")
@@ -124,8 +125,8 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(typed.parse_args(argv)))
     args.out_dir = args.out_dir or default_out_dir(args)
-    if not args.resume:                         # resumed: the run's own data, checked against its flags
-        refuse_flags_the_data_ignores(args, parser)
+    if args.tensorboard:
+        tensorboard_writer()                    # missing: refused now, before --overwrite deletes anything
     if not args.ema < 1:
         parser.error(f"--ema must be in [0, 1), got {args.ema}: a decay of 1 never moves the average (0: off)")
     if not args.warmup <= 1:
@@ -223,9 +224,6 @@ def warn_dropped(n_images, used, args, world, parser, warn):
 
 
 def train(args, parser):
-    if args.deterministic:              # before the first CUDA call: cuBLAS sizes its workspace once
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
     rank, world, device = setup_device()
     is_main, cuda = rank == 0, device.type == "cuda"
     say, warn = (print, lambda text: print(text, file=sys.stderr)) if is_main else (lambda *a: None,) * 2
@@ -234,6 +232,11 @@ def train(args, parser):
     state, resumed_from, source, base, may_change = load_starting_point(args, parser, warn)
     if source is not None and "out_dir" not in args.given:
         args.out_dir = default_out_dir(args)                    # of the checkpoint's model
+    if state is None:                   # a resumed run's data and flags are its own, checked against each other
+        refuse_flags_the_data_ignores(args, parser)
+    if args.deterministic:              # (a resumed run's own) before the first cuBLAS call, which sizes its workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     config = model_config(args, parser, base, num_classes=1, may_change=may_change)
     old_files = files_to_clear(args, parser, state is not None)     # deleted once every check below has passed
     use_amp = use_bf16(args.amp, device, warn)
@@ -363,7 +366,8 @@ def train(args, parser):
                     if is_main:
                         bar.write(f"step {step}: val top-1 {metrics['val_top1']:.2f}%" + (
                             f" (EMA {metrics['ema_val_top1']:.2f}%)" if ema is not None else ""))
-                stopping = stop_now or (check and (stop_vote or (world == 1 and stop.raised)))   # one: at once
+                # one process: also a signal that came during this step's update or evaluation
+                stopping = stop_now or (check and (stop_vote or (world == 1 and stop.raised)))
                 if stopping or save_now or best:
                     files.save(snapshot(metrics), raw_model, world, latest=stopping or save_now, best=best)
                 if stopping:
