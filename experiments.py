@@ -84,6 +84,16 @@ ROTARIES = ["cat", "scaled", "mixed", "axial", "none"]
 # The same test inside a ViT, where RoPE-ViT (Heo et al. 2024, DeiT-III ViT-S) found RoPE-Mixed gaining at higher
 # resolution: 80.9 at 224 px, 81.8 at 384; APE alone 80.4 -> 79.4.
 VIT_ROTARIES = ["ape", "axial", "mixed", "scaled", "ape+mixed"]
+# A CAT for small data: the levers known to help transformers on small data (docs/results.md), screened cheaply
+# (80 px, 10 epochs, seed 0) each alone on top of the best CAT here so far (the `scaled` rotary and the
+# convolutional stem), with the patchify stem beside them for scale. They run after everything above.
+SCREEN_BASE = [*cat_tiny(pos="scaled"), "--stem", "conv"]
+LEVERS = {"trivial": ["--auto-augment", "trivial"],         # TrivialAugmentWide (Mueller & Hutter 2021)
+          "mix": ["--mixup", "0.8", "--cutmix", "1.0"],      # DeiT's MixUp and CutMix
+          "erase": ["--erase", "0.25"],                      # DeiT's random erasing
+          "ema": ["--ema", "0.998"],                         # an average over the last ~500 of 1,470 steps
+          "lr2e-3": ["--lr", "2e-3"],                        # twice the recipe's peak
+          "mlp2": ["--mlp-ratio", "2"]}                      # a wider FFN: 1.12 GFLOPs at 128 px, ResNet-18's 1.18
 SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
 FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training (eval.py runs after it): the
                                                 # families keep theirs, for the curves of top-1 against time
@@ -91,7 +101,8 @@ FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training 
 
 def plan(seeds, data_dir=DATA):
     """{run name: (train.py flags, resolutions to evaluate at)}: per seed, the headline families, then the
-    rotaries, then the other families, then the 10-epoch runs (by_question orders what is left to run)."""
+    rotaries, then the other families, then the 10-epoch runs; last the small-data screen, on the first seed
+    (by_question orders what is left to run)."""
     groups = {}                                 # (seed index, group) -> runs
     for i, seed in enumerate(seeds):
         s = ["--seed", str(seed)]
@@ -115,6 +126,13 @@ def plan(seeds, data_dir=DATA):
         tenth[f"vit-tiny-e{SHORT}-s{seed}"] = ([*short, "--model", "vit-tiny", *s], [RES])
         for label, flags in TABLE4_FLAGS.items():
             tenth[f"{label}-e{SHORT}-s{seed}"] = ([*short, *flags, *s], [RES])
+    screen = [*RECIPE, "--data-dir", data_dir, "--res", str(ROTARY_RES), "--epochs", str(SHORT), *FINAL_EVAL_ONLY,
+              "--seed", str(seeds[0])]
+    groups[(len(seeds), 0)] = {
+        f"small-patch-s{seeds[0]}": ([*screen, *cat_tiny(pos="scaled"), "--stem", "patch"], [ROTARY_RES]),
+        f"small-conv-s{seeds[0]}": ([*screen, *SCREEN_BASE], [ROTARY_RES]),
+        **{f"small-conv+{lever}-s{seeds[0]}": ([*screen, *SCREEN_BASE, *flags], [ROTARY_RES])
+           for lever, flags in LEVERS.items()}}
     return {name: v for key in sorted(groups) for name, v in groups[key].items()}
 
 
@@ -125,6 +143,9 @@ QUESTIONS = ("rotary-cat-fp32", "cat-tiny-conv-stem", "vit-tiny-conv-stem", "cat
 
 
 def by_question(name):
+    """The study's questions in order, then its other runs, then the small-data screen."""
+    if name.startswith("small-"):
+        return len(QUESTIONS) + 1
     return next((i for i, prefix in enumerate(QUESTIONS) if name.startswith(prefix)), len(QUESTIONS))
 
 
@@ -295,6 +316,9 @@ def report(results):
               *rotary_table(results, "rotary", ROTARIES, shapes=True),
               "", f"Rotaries on vit-tiny, trained at {ROTARY_RES} px (RoPE-ViT's DeiT-III ViT-S, 224 -> 384 px: "
               f"RoPE-Mixed 80.9 -> 81.8, APE 80.4 -> 79.4)", "", *rotary_table(results, "vit-rotary", VIT_ROTARIES)]
+    lines += ["", f"A CAT for small data, the screen: cat-tiny at {ROTARY_RES} px, {SHORT} epochs, seed 0; each lever "
+              "alone on `conv` (the `scaled` rotary and the convolutional stem); `patch`: the patchify stem", "",
+              *screen_table(results)]
     lines += ["", precision_effect(results)]
     machines = {}
     for name, result in results.items():
@@ -325,6 +349,22 @@ def precision_effect(results):
             [top1(results, n, res) for n in seeds]
         cells.append(f"{res} px {a:.1f} vs {b:.1f} ({a - b:+.1f}; bf16 seeds {min(spread):.1f}-{max(spread):.1f})")
     return f"Precision, rotary-cat-s0 in fp32 vs bf16, top-1: {'; '.join(cells)}"
+
+
+def screen_table(results, seed=0):
+    """Markdown rows of the small-data screen: each run's top-1 at its training resolution and its gain on `conv`."""
+    base = top1(results, f"small-conv-s{seed}", ROTARY_RES)
+    lines = [f"| run | params | GFLOPs | top-1 @ {ROTARY_RES} px | vs `conv` | train min |", "| --- " * 6 + "|"]
+    for label in ["patch", "conv", *(f"conv+{lever}" for lever in LEVERS)]:
+        name = f"small-{label}-s{seed}"
+        if name not in results:
+            lines.append(f"| `{label}` | - | - | - | - | - |")
+            continue
+        run, value = results[name], top1(results, name, ROTARY_RES)
+        gain = "-" if base is None else f"{value - base:+.1f}"
+        lines.append(f"| `{label}` | {run['params'] / 1e6:.2f}M | {run['flops_per_image'] / 1e9:.2f} | {value:.1f} | "
+                     f"{gain} | {by_machine([run], lambda x: x['train_seconds'] / 60)} |")
+    return lines
 
 
 def rotary_table(results, prefix, positions, shapes=False):

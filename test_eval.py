@@ -194,14 +194,18 @@ def test_every_experiment_is_a_valid_train_command():
     plan = experiments.plan(seeds=[0, 1, 2])
     # 10 families + 3 x 2 more headline seeds, 2 seeds x (5 rotaries + 5 shapes + 5 ViT rotaries + ViT and 6
     # Table 4 rows at 10 epochs)
-    assert len(plan) == 10 + 6 + 2 * (5 + 5 + 5 + 7) + 1                  # + rotary-cat-fp32-s0
+    # + rotary-cat-fp32-s0, + the small-data screen (the patchify stem, the conv stem, 6 levers on it)
+    assert len(plan) == 10 + 6 + 2 * (5 + 5 + 5 + 7) + 1 + 8
     assert list(plan)[:3] == ["cat-tiny-s0", "vit-tiny-s0", "resnet18-s0"]       # the headline first
-    assert list(plan)[-3:] == ["cat-tiny-s2", "vit-tiny-s2", "cat-tiny-scaled-s2"]   # third seeds last
+    assert list(plan)[-11:-8] == ["cat-tiny-s2", "vit-tiny-s2", "cat-tiny-scaled-s2"]   # third seeds, then the screen
     for name, (flags, res) in plan.items():
         args, _ = train.parse_args([*flags, "--out-dir", f"out/{name}"])
         assert args.data == ("shapes" if name.startswith("shapes") else "imagefolder")
         assert args.seed == int(name[-1])
-        if name.startswith(("rotary", "vit-rotary")):
+        if name.startswith("small-"):
+            assert (args.res, res, args.epochs, args.seed, args.pos) == (80, [80], 10, 0, "scaled")
+            assert args.stem == ("patch" if name == "small-patch-s0" else "conv")
+        elif name.startswith(("rotary", "vit-rotary")):
             assert (args.res, res, args.epochs) == (80, [80, 120, 160], 20)
         elif args.data == "imagefolder":
             assert args.res == 128 and args.epochs == (10 if "-e10-" in name else 20)
@@ -216,6 +220,11 @@ def test_every_experiment_is_a_valid_train_command():
     assert (vit_mixed.model, vit_mixed.pos) == ("vit-tiny", "ape+mixed")
     assert [train.parse_args(plan[f"{m}-conv-stem-s0"][0])[0].stem for m in ("cat-tiny", "vit-tiny")] == ["conv"] * 2
     assert [train.parse_args(plan[n][0])[0].pos for n in ("cat-tiny-s2", "cat-tiny-scaled-s0")] == ["cat", "scaled"]
+    levers = {lever: train.parse_args(plan[f"small-conv+{lever}-s0"][0])[0] for lever in experiments.LEVERS}
+    assert (levers["trivial"].auto_augment, levers["erase"].erase, levers["ema"].ema) == ("trivial", 0.25, 0.998)
+    assert (levers["mix"].mixup, levers["mix"].cutmix, levers["lr2e-3"].lr, levers["mlp2"].mlp_ratio) == \
+        (0.8, 1.0, 2e-3, 2)
+    assert train.parse_args(plan["small-conv-s0"][0])[0].lr == 1e-3 and not levers["trivial"].ema   # one lever each
     cat = {"train_seconds": 600.0, "train_images_per_s": 150.0}
     vit = {"train_seconds": 1500.0, "train_images_per_s": 64.0}
     timed = experiments.equal_time_plan([0, 1], {"cat-tiny-s0": cat, "vit-tiny-s0": vit, "cat-tiny-s1": cat})
@@ -301,6 +310,18 @@ def test_the_queue_follows_the_questions(monkeypatch):
     vit_rotaries = [f"vit-rotary-{pos}-s{seed}" for seed in (0, 1) for pos in experiments.VIT_ROTARIES]
     assert order[:15] == ["rotary-cat-fp32-s0", "cat-tiny-conv-stem-s0", "vit-tiny-conv-stem-s0",
                           "cat-tiny-scaled-s1", "cat-tiny-scaled-s2", *vit_rotaries]
+    assert all(n.startswith("small-") for n in order[-8:]) and not any(n.startswith("small-") for n in order[:-8])
+
+
+def test_the_screen_table_gives_each_lever_its_gain_on_the_conv_stem():
+    def run(top1):
+        return {"params": 1.59e6, "flops_per_image": 0.35e9, "train_seconds": 600.0, "machine": "EPYC (AVX512-BF16)",
+                "eval": [{"res": 80, "top1": top1}]}
+    results = {"small-patch-s0": run(60.0), "small-conv-s0": run(70.0), "small-conv+mix-s0": run(71.5)}
+    rows = experiments.screen_table(results)
+    assert "| `patch` | 1.59M | 0.35 | 60.0 | -10.0 | 10.0 EPYC |" in rows
+    assert "| `conv+mix` | 1.59M | 0.35 | 71.5 | +1.5 | 10.0 EPYC |" in rows
+    assert "| `conv+ema` | - | - | - | - | - |" in rows                     # queued
 
 
 def test_the_sweep_keeps_edits_made_to_the_results_file_while_a_run_trains(tmp_path, monkeypatch):
@@ -418,6 +439,7 @@ def test_ctrl_c_lets_the_sweeps_training_save_before_it_stops(tmp_path):
                      " sys.exit(0)))\n"
                      "time.sleep(30)\n")
     driver = (f"import os, signal, sys, threading, experiments\n"
+              f"signal.signal(signal.SIGINT, signal.default_int_handler)\n"   # a shell's background job ignores it
               f"threading.Timer(1.0, lambda: os.killpg(0, signal.SIGINT)).start()\n"
               f"experiments.run_command([sys.executable, {str(child)!r}, {str(tmp_path / 'saved')!r}],"
               f" dict(os.environ))\n")

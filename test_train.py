@@ -37,6 +37,11 @@ def step_losses(out_dir):
     return [(r["step"], r["loss"], r["lr"]) for r in records(out_dir) if "loss" in r]
 
 
+def files_of(folder):
+    """{name: bytes} of a folder's files: what a refused start must leave exactly as it was."""
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
 def interrupt_at_forward(monkeypatch, call):
     """Send this process a real SIGTERM from inside the `call`-th training forward on real images (the FLOP
     count's forward on the meta device and validation's do not count)."""
@@ -579,13 +584,13 @@ def test_finite_loss_with_non_finite_gradients_stops_before_the_update_and_saves
 def test_a_new_run_leaves_another_runs_files_alone(tmp_path, capsys):
     common = [*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]
     assert train.main(common) == 0
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    before = files_of(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         train.main([*common, "--seed", "1"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"--out-dir {tmp_path} holds another run" in err and "--resume" in err and "--overwrite" in err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert files_of(tmp_path) == before
     assert train.main([*common, "--seed", "1", "--overwrite"]) == 0      # on purpose: the old files go first
     assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2]
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["args"]["seed"] == 1
@@ -672,17 +677,17 @@ def test_overwrite_clears_nothing_until_every_check_has_passed(tmp_path, capsys)
     """A typo in --data-dir used to cost the old run: --overwrite deletes only once the start-up checks pass."""
     common = [*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]
     assert train.main(common) == 0
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = files_of(tmp_path)
     with pytest.raises(SystemExit):
         train.main([*FOLDER_TINY, "--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite",
                     "--data", "imagefolder", "--data-dir", str(tmp_path / "typo")])
     assert "typo does not exist" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert files_of(tmp_path) == before
     with pytest.MonkeyPatch.context() as patch:             # --tensorboard without the package
         patch.setitem(sys.modules, "torch.utils.tensorboard", None)
         with pytest.raises(SystemExit, match="pip install tensorboard"):
             train.main([*TINY, "--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite", "--tensorboard"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert files_of(tmp_path) == before
 
 
 def test_deterministic_is_the_runs_own_flag_on_resume(tmp_path, monkeypatch):
@@ -703,13 +708,13 @@ def test_init_from_a_checkpoint_in_the_folder_being_overwritten_is_refused(tmp_p
     """--init-from OUT/ckpt.pt --overwrite used to delete its own source, then fail with a traceback."""
     common = [*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]
     assert train.main(common) == 0
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    before = files_of(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         train.main([*common, "--overwrite", "--init-from", str(tmp_path / "ckpt.pt")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--init-from" in err and "inside --out-dir" in err and "Traceback" not in err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert files_of(tmp_path) == before
     # from another folder it loads once and trains
     assert train.main([*TINY, "--max-steps", "2", "--out-dir", str(tmp_path / "tuned"), "--init-from",
                        str(tmp_path / "ckpt.pt")]) == 0
