@@ -194,10 +194,12 @@ def test_every_experiment_is_a_valid_train_command():
     plan = experiments.plan(seeds=[0, 1, 2])
     # 10 families + 3 x 2 more headline seeds, 2 seeds x (5 rotaries + 5 shapes + 5 ViT rotaries + ViT and 6
     # Table 4 rows at 10 epochs)
-    # + rotary-cat-fp32-s0, + the small-data screen (the patchify stem, the conv stem, 6 levers on it)
-    assert len(plan) == 10 + 6 + 2 * (5 + 5 + 5 + 7) + 1 + 8
+    screen = 2 + len(experiments.LEVERS)            # the patchify stem, the conv stem, each lever on the conv stem
+    assert len(plan) == 10 + 6 + 2 * (5 + 5 + 5 + 7) + 1 + screen                   # + rotary-cat-fp32-s0
     assert list(plan)[:3] == ["cat-tiny-s0", "vit-tiny-s0", "resnet18-s0"]       # the headline first
-    assert list(plan)[-11:-8] == ["cat-tiny-s2", "vit-tiny-s2", "cat-tiny-scaled-s2"]   # third seeds, then the screen
+    assert list(plan)[-screen - 3:-screen] == ["cat-tiny-s2", "vit-tiny-s2", "cat-tiny-scaled-s2"]   # third seeds
+    assert all(name.startswith("small-") for name in list(plan)[-screen:])                           # the screen last
+    assert not any(name.startswith("small-") for name in experiments.plan(seeds=[1, 2]))              # seed 0's only
     for name, (flags, res) in plan.items():
         args, _ = train.parse_args([*flags, "--out-dir", f"out/{name}"])
         assert args.data == ("shapes" if name.startswith("shapes") else "imagefolder")
@@ -220,11 +222,12 @@ def test_every_experiment_is_a_valid_train_command():
     assert (vit_mixed.model, vit_mixed.pos) == ("vit-tiny", "ape+mixed")
     assert [train.parse_args(plan[f"{m}-conv-stem-s0"][0])[0].stem for m in ("cat-tiny", "vit-tiny")] == ["conv"] * 2
     assert [train.parse_args(plan[n][0])[0].pos for n in ("cat-tiny-s2", "cat-tiny-scaled-s0")] == ["cat", "scaled"]
-    levers = {lever: train.parse_args(plan[f"small-conv+{lever}-s0"][0])[0] for lever in experiments.LEVERS}
-    assert (levers["trivial"].auto_augment, levers["erase"].erase, levers["ema"].ema) == ("trivial", 0.25, 0.998)
-    assert (levers["mix"].mixup, levers["mix"].cutmix, levers["lr2e-3"].lr, levers["mlp2"].mlp_ratio) == \
-        (0.8, 1.0, 2e-3, 2)
-    assert train.parse_args(plan["small-conv-s0"][0])[0].lr == 1e-3 and not levers["trivial"].ema   # one lever each
+    base = vars(train.parse_args(plan["small-conv-s0"][0])[0])
+    changed = {lever: {key: value for key, value in vars(train.parse_args(plan[f"small-conv+{lever}-s0"][0])[0]).items()
+                       if base[key] != value} for lever in experiments.LEVERS}
+    assert changed == {"trivial": {"auto_augment": "trivial"}, "mix": {"mixup": 0.8, "cutmix": 1.0},  # one lever each
+                       "erase": {"erase": 0.25}, "ema": {"ema": 0.998}, "lr2e-3": {"lr": 2e-3},
+                       "mlp2": {"mlp_ratio": 2}}
     cat = {"train_seconds": 600.0, "train_images_per_s": 150.0}
     vit = {"train_seconds": 1500.0, "train_images_per_s": 64.0}
     timed = experiments.equal_time_plan([0, 1], {"cat-tiny-s0": cat, "vit-tiny-s0": vit, "cat-tiny-s1": cat})
@@ -303,14 +306,17 @@ def test_the_queue_follows_the_questions(monkeypatch):
     seeds, the rotaries inside ViT seed by seed, then the rest."""
     results = experiments.load_results(experiments.RESULTS)
     done = {name: r for name, r in results.items()
-            if not name.startswith(("cat-tiny-conv-stem", "vit-tiny-conv-stem", "rotary-cat-fp32"))
-            and name not in ("cat-tiny-scaled-s1", "cat-tiny-scaled-s2") and not name.startswith("vit-rotary")}
+            if not name.startswith(("cat-tiny-conv-stem", "vit-tiny-conv-stem", "rotary-cat-fp32", "vit-rotary",
+                                    "small-"))
+            and name not in ("cat-tiny-scaled-s1", "cat-tiny-scaled-s2")}
     runs = {**experiments.plan([0, 1, 2]), **experiments.equal_time_plan([0, 1, 2], done)}
     order = sorted((n for n in runs if n not in done), key=experiments.by_question)
     vit_rotaries = [f"vit-rotary-{pos}-s{seed}" for seed in (0, 1) for pos in experiments.VIT_ROTARIES]
     assert order[:15] == ["rotary-cat-fp32-s0", "cat-tiny-conv-stem-s0", "vit-tiny-conv-stem-s0",
                           "cat-tiny-scaled-s1", "cat-tiny-scaled-s2", *vit_rotaries]
-    assert all(n.startswith("small-") for n in order[-8:]) and not any(n.startswith("small-") for n in order[:-8])
+    screen = 2 + len(experiments.LEVERS)
+    assert all(n.startswith("small-") for n in order[-screen:])
+    assert not any(n.startswith("small-") for n in order[:-screen])
 
 
 def test_the_screen_table_gives_each_lever_its_gain_on_the_conv_stem():

@@ -38,8 +38,8 @@ def step_losses(out_dir):
 
 
 def files_of(folder):
-    """{name: bytes} of a folder's files: what a refused start must leave exactly as it was."""
-    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+    """{name: bytes (None for a subfolder)} of a folder's entries: what a refused start must leave as it was."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in Path(folder).iterdir()}
 
 
 def interrupt_at_forward(monkeypatch, call):
