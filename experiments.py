@@ -436,7 +436,8 @@ def plot(results, path):
             minutes, _, top = zip(*results[name]["curve"])
             machine = machine_tag(results[name])
             key = label if machine == main else f"{label} ({machine})"
-            left.plot([m / 60 for m in minutes], top, "-" if machine == main else "--", color=f"C{i}", alpha=0.8,
+            color = f"C{i}" if i < 10 else "black"         # the default cycle has 10 colours
+            left.plot([m / 60 for m in minutes], top, "-" if machine == main else "--", color=color, alpha=0.8,
                       label=None if key in shown else key)
             shown.add(key)
     left.set(xlabel=f"training time (min, 2 CPU cores, bf16; solid: {main})", ylabel=f"val top-1 (%), {RES} px",
