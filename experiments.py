@@ -87,13 +87,16 @@ VIT_ROTARIES = ["ape", "axial", "mixed", "scaled", "ape+mixed"]
 # A CAT for small data: the levers known to help transformers on small data (docs/results.md), screened cheaply
 # (80 px, 10 epochs, seed 0) each alone on top of the best CAT here so far (the `scaled` rotary and the
 # convolutional stem), with the patchify stem beside them for scale. They run after everything above.
-SCREEN_BASE, SCREEN_SEED = [*cat_tiny(pos="scaled"), "--stem", "conv"], 0
+SCREEN_SEED = 0
 LEVERS = {"trivial": ["--auto-augment", "trivial"],         # TrivialAugmentWide (Mueller & Hutter 2021)
           "mix": ["--mixup", "0.8", "--cutmix", "1.0"],      # DeiT's MixUp and CutMix
           "erase": ["--erase", "0.25"],                      # DeiT's random erasing
           "ema": ["--ema", "0.998"],                         # an average over the last ~500 of 1,470 steps
           "lr2e-3": ["--lr", "2e-3"],                        # twice the recipe's peak
           "mlp2": ["--mlp-ratio", "2"]}                      # a wider FFN: 1.12 GFLOPs at 128 px, ResNet-18's 1.18
+SCREEN_BASE = [*cat_tiny(pos="scaled"), "--stem", "conv"]
+SCREEN = {"patch": [*cat_tiny(pos="scaled"), "--stem", "patch"], "conv": SCREEN_BASE,     # label: flags
+          **{f"conv+{lever}": [*SCREEN_BASE, *flags] for lever, flags in LEVERS.items()}}
 SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
 FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training (eval.py runs after it): the
                                                 # families keep theirs, for the curves of top-1 against time
@@ -129,11 +132,8 @@ def plan(seeds, data_dir=DATA):
     if SCREEN_SEED in seeds:
         screen = [*RECIPE, "--data-dir", data_dir, "--res", str(ROTARY_RES), "--epochs", str(SHORT),
                   *FINAL_EVAL_ONLY, "--seed", str(SCREEN_SEED)]
-        groups[(len(seeds), 0)] = {
-            f"small-patch-s{SCREEN_SEED}": ([*screen, *cat_tiny(pos="scaled"), "--stem", "patch"], [ROTARY_RES]),
-            f"small-conv-s{SCREEN_SEED}": ([*screen, *SCREEN_BASE], [ROTARY_RES]),
-            **{f"small-conv+{lever}-s{SCREEN_SEED}": ([*screen, *SCREEN_BASE, *flags], [ROTARY_RES])
-               for lever, flags in LEVERS.items()}}
+        groups[(len(seeds), 0)] = {f"small-{label}-s{SCREEN_SEED}": ([*screen, *flags], [ROTARY_RES])
+                                   for label, flags in SCREEN.items()}
     return {name: v for key in sorted(groups) for name, v in groups[key].items()}
 
 
@@ -357,7 +357,7 @@ def screen_table(results):
     """Markdown rows of the small-data screen: each run's top-1 at its training resolution and its gain on `conv`."""
     base = top1(results, f"small-conv-s{SCREEN_SEED}", ROTARY_RES)
     lines = [f"| run | params | GFLOPs | top-1 @ {ROTARY_RES} px | vs `conv` | train min |", "| --- " * 6 + "|"]
-    for label in ["patch", "conv", *(f"conv+{lever}" for lever in LEVERS)]:
+    for label in SCREEN:
         name = f"small-{label}-s{SCREEN_SEED}"
         if name not in results:
             lines.append(f"| `{label}` | - | - | - | - | - |")
@@ -431,12 +431,11 @@ def plot(results, path):
     machines = [machine_tag(r) for r in results.values()]
     main = max(set(machines), key=machines.count)       # solid lines; other machines dashed and named
     for i, label in enumerate([*FAMILIES, "vit-tiny-time"]):
-        shown = set()
+        shown, color = set(), f"C{i}" if i < 10 else "black"       # the default cycle has 10 colours
         for name in seeds_of(results, label):
             minutes, _, top = zip(*results[name]["curve"])
             machine = machine_tag(results[name])
             key = label if machine == main else f"{label} ({machine})"
-            color = f"C{i}" if i < 10 else "black"         # the default cycle has 10 colours
             left.plot([m / 60 for m in minutes], top, "-" if machine == main else "--", color=color, alpha=0.8,
                       label=None if key in shown else key)
             shown.add(key)
