@@ -229,7 +229,7 @@ def test_every_experiment_is_a_valid_train_command():
                for lever in experiments.LEVERS}
     assert changed == {"trivial": {"auto_augment": "trivial"}, "mix": {"mixup": 0.8, "cutmix": 1.0},  # one lever each
                        "erase": {"erase": 0.25}, "ema": {"ema": 0.998}, "lr2e-3": {"lr": 2e-3},
-                       "mlp2": {"mlp_ratio": 2}}
+                       "mlp2": {"mlp_ratio": 2}, "cls": {"pool": "cls"}}
     cat = {"train_seconds": 600.0, "train_images_per_s": 150.0}
     vit = {"train_seconds": 1500.0, "train_images_per_s": 64.0}
     timed = experiments.equal_time_plan([0, 1], {"cat-tiny-s0": cat, "vit-tiny-s0": vit, "cat-tiny-s1": cat})
@@ -327,9 +327,18 @@ def test_the_screen_table_gives_each_lever_its_gain_on_the_conv_stem():
                 "eval": [{"res": 80, "top1": top1}]}
     results = {"small-patch-s0": run(60.0), "small-conv-s0": run(70.0), "small-conv+mix-s0": run(71.5)}
     rows = experiments.screen_table(results)
+    assert rows[0].endswith("no rotary run has two seeds yet")
     assert "| `patch` | 1.59M | 0.35 | 60.0 | -10.0 | 10.0 EPYC |" in rows
     assert "| `conv+mix` | 1.59M | 0.35 | 71.5 | +1.5 | 10.0 EPYC |" in rows
     assert "| `conv+ema` | - | - | - | - | - |" in rows                     # queued
+    # the bar: the widest gap between two seeds of one rotary run at 80 px (mixed's 1.7 here, not cat's 1.6)
+    results |= {f"rotary-{pos}-s{seed}": run(top1) for pos, seed, top1 in
+                [("cat", 0, 67.9), ("cat", 1, 69.5), ("mixed", 0, 69.2), ("mixed", 1, 70.9), ("axial", 0, 60.0)]}
+    results["small-conv+ema-s0"] = run(71.8)
+    rows = experiments.screen_table(results)
+    assert "a gain counts (bold) above 1.7 points" in rows[0]
+    assert "| `conv+mix` | 1.59M | 0.35 | 71.5 | +1.5 | 10.0 EPYC |" in rows
+    assert "| `conv+ema` | 1.59M | 0.35 | 71.8 | **+1.8** | 10.0 EPYC |" in rows
 
 
 def test_the_sweep_keeps_edits_made_to_the_results_file_while_a_run_trains(tmp_path, monkeypatch):
