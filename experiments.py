@@ -428,9 +428,23 @@ def angle_spreads():
     return "\n".join(lines)
 
 
+def resolution_curves(results):
+    """{(prefix, pos): [(evaluation px, top-1 mean over seeds)]} for the rotary runs that have any, cat-tiny's
+    (prefix "rotary") and vit-tiny's ("vit-rotary")."""
+    curves = {}
+    for prefix, schemes in (("rotary", ROTARIES), ("vit-rotary", VIT_ROTARIES)):
+        for pos in schemes:
+            names = seeds_of(results, f"{prefix}-{pos}")
+            points = [(r, statistics.mean(v)) for r in ROTARY_EVAL
+                      if (v := [t for n in names if (t := top1(results, n, r)) is not None])]
+            if points:
+                curves[(prefix, pos)] = points
+    return curves
+
+
 def plot(results, path):
     """Left: val top-1 against training time, one line per family and seed. Right: the rotaries' top-1 against
-    the evaluation resolution (mean over seeds)."""
+    the evaluation resolution (mean over seeds), cat-tiny's and vit-tiny's."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -452,14 +466,13 @@ def plot(results, path):
             shown.add(key)
     left.set(xlabel=f"training time (min, 2 CPU cores, bf16; solid: {main})", ylabel=f"val top-1 (%), {RES} px",
              title=f"Imagenette, {EPOCHS} epochs")
-    for pos in ROTARIES:
-        names = seeds_of(results, f"rotary-{pos}")
-        points = [(r, statistics.mean(v)) for r in ROTARY_EVAL
-                  if (v := [t for n in names if (t := top1(results, n, r)) is not None])]
-        if points:
-            right.plot(*zip(*points), "o-", label=pos)
+    schemes = list(dict.fromkeys([*ROTARIES, *VIT_ROTARIES]))     # one colour per scheme in both models
+    for (prefix, pos), points in resolution_curves(results).items():
+        vit = prefix == "vit-rotary"
+        right.plot(*zip(*points), "s--" if vit else "o-", color=f"C{schemes.index(pos)}",
+                   label=f"vit {pos}" if vit else pos)
     right.set(xlabel="evaluation resolution (px)", xticks=ROTARY_EVAL,
-              title=f"cat-tiny rotaries, trained at {ROTARY_RES} px")
+              title=f"rotaries, trained at {ROTARY_RES} px (dashed: vit-tiny)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -341,6 +341,17 @@ def test_the_screen_table_gives_each_lever_its_gain_on_the_conv_stem():
     assert "| `conv+ema` | 1.59M | 0.35 | 71.8 | **+1.8** | 10.0 EPYC |" in rows
 
 
+def test_the_resolution_plot_has_both_models_rotaries_as_seed_means():
+    def run(*top1):
+        return {"eval": [{"res": r, "top1": t} for r, t in zip(experiments.ROTARY_EVAL, top1)]}
+    results = {"rotary-cat-s0": run(68.0, 69.0, 67.0), "rotary-cat-s1": run(70.0, 69.0, 68.0),
+               "rotary-cat-fp32-s0": run(0, 0, 0), "vit-rotary-mixed-s0": run(68.0, 67.5, 61.4),
+               "cat-tiny-s0": run(90, 90, 90)}
+    assert experiments.resolution_curves(results) == {
+        ("rotary", "cat"): list(zip(experiments.ROTARY_EVAL, [69.0, 69.0, 67.5])),     # fp32 is not a seed of `cat`
+        ("vit-rotary", "mixed"): list(zip(experiments.ROTARY_EVAL, [68.0, 67.5, 61.4]))}
+
+
 def test_the_sweep_keeps_edits_made_to_the_results_file_while_a_run_trains(tmp_path, monkeypatch):
     """A run takes up to an hour: a correction written to the results file meanwhile must survive its save."""
     path = tmp_path / "results.json"
