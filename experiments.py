@@ -261,6 +261,11 @@ def top1(results, name, res=RES):
     return row["top1"] if row else None
 
 
+def seed_top1(results, label, res=RES):
+    """Top-1 at res of each finished seed of a family (the runs LABEL-sN)."""
+    return [t for n in seeds_of(results, label) if (t := top1(results, n, res)) is not None]
+
+
 def cell(values, digits=1):
     """'mean ± std (n)' over the seeds that finished, '-' if none did."""
     values = [v for v in values if v is not None]
@@ -342,18 +347,17 @@ def precision_effect(results):
     fp32, bf16 = results.get("rotary-cat-fp32-s0"), results.get("rotary-cat-s0")
     if not (fp32 and bf16):
         return "Precision: rotary-cat-fp32-s0 (rotary-cat-s0 in fp32) has not run yet"
-    seeds = seeds_of(results, "rotary-cat")
     cells = []
     for res in ROTARY_EVAL:
-        a, b, spread = top1(results, "rotary-cat-fp32-s0", res), top1(results, "rotary-cat-s0", res), \
-            [top1(results, n, res) for n in seeds]
+        a, b = top1(results, "rotary-cat-fp32-s0", res), top1(results, "rotary-cat-s0", res)
+        spread = seed_top1(results, "rotary-cat", res)
         cells.append(f"{res} px {a:.1f} vs {b:.1f} ({a - b:+.1f}; bf16 seeds {min(spread):.1f}-{max(spread):.1f})")
     return f"Precision, rotary-cat-s0 in fp32 vs bf16, top-1: {'; '.join(cells)}"
 
 
 def seed_gap(results):
     """The widest top-1 gap between two seeds of one CAT rotary run at ROTARY_RES: the screen's bar for a gain."""
-    seeds = ([top1(results, n, ROTARY_RES) for n in seeds_of(results, f"rotary-{pos}")] for pos in ROTARIES)
+    seeds = (seed_top1(results, f"rotary-{pos}", ROTARY_RES) for pos in ROTARIES)
     return max((max(values) - min(values) for values in seeds if len(values) > 1), default=None)
 
 
@@ -374,7 +378,8 @@ def screen_table(results):
             continue
         run, value = results[name], top1(results, name, ROTARY_RES)
         gain = "-" if base is None else f"{value - base:+.1f}"
-        gain = f"**{gain}**" if bar is not None and base is not None and value - base > bar else gain
+        if base is not None and bar is not None and value - base > bar:
+            gain = f"**{gain}**"
         lines.append(f"| `{label}` | {run['params'] / 1e6:.2f}M | {run['flops_per_image'] / 1e9:.2f} | {value:.1f} | "
                      f"{gain} | {by_machine([run], lambda x: x['train_seconds'] / 60)} |")
     return lines
@@ -434,9 +439,7 @@ def resolution_curves(results):
     curves = {}
     for prefix, schemes in (("rotary", ROTARIES), ("vit-rotary", VIT_ROTARIES)):
         for pos in schemes:
-            names = seeds_of(results, f"{prefix}-{pos}")
-            points = [(r, statistics.mean(v)) for r in ROTARY_EVAL
-                      if (v := [t for n in names if (t := top1(results, n, r)) is not None])]
+            points = [(r, statistics.mean(v)) for r in ROTARY_EVAL if (v := seed_top1(results, f"{prefix}-{pos}", r))]
             if points:
                 curves[(prefix, pos)] = points
     return curves
