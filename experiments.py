@@ -98,6 +98,12 @@ LEVERS = {"trivial": ["--auto-augment", "trivial"],         # TrivialAugmentWide
 SCREEN_BASE = [*cat_tiny(pos="scaled"), "--stem", "conv"]
 SCREEN = {"patch": [*cat_tiny(pos="scaled"), "--stem", "patch"], "conv": SCREEN_BASE,     # label: flags
           **{f"conv+{lever}": [*SCREEN_BASE, *flags] for lever, flags in LEVERS.items()}}
+# Then, by a rule fixed before the screen ran (small_data_plan): the levers that clear the bar run together on
+# `conv` (`best`); the best of `conv`, those levers alone and `best` is confirmed at the families' size and length
+# on 3 seeds. Its training levers run unchanged for the ResNet-18 and the ViT, so that the comparison stays fair;
+# the others change the model and are CAT's own.
+TRAINING_LEVERS = ("trivial", "mix", "erase", "ema", "lr2e-3")
+CONFIRMED = {"cat": SCREEN_BASE, "resnet18": ["--model", "resnet18"], "vit-tiny": ["--model", "vit-tiny"]}
 SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
 FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training (eval.py runs after it): the
                                                 # families keep theirs, for the curves of top-1 against time
@@ -131,11 +137,14 @@ def plan(seeds, data_dir=DATA):
         for label, flags in TABLE4_FLAGS.items():
             tenth[f"{label}-e{SHORT}-s{seed}"] = ([*short, *flags, *s], [RES])
     if SCREEN_SEED in seeds:
-        screen = [*RECIPE, "--data-dir", data_dir, "--res", str(ROTARY_RES), "--epochs", str(SHORT),
-                  *FINAL_EVAL_ONLY, "--seed", str(SCREEN_SEED)]
-        groups[(len(seeds), 0)] = {f"small-{label}-s{SCREEN_SEED}": ([*screen, *flags], [ROTARY_RES])
+        groups[(len(seeds), 0)] = {f"small-{label}-s{SCREEN_SEED}": ([*screen_recipe(data_dir), *flags], [ROTARY_RES])
                                    for label, flags in SCREEN.items()}
     return {name: v for key in sorted(groups) for name, v in groups[key].items()}
+
+
+def screen_recipe(data_dir=DATA):
+    return [*RECIPE, "--data-dir", data_dir, "--res", str(ROTARY_RES), "--epochs", str(SHORT), *FINAL_EVAL_ONLY,
+            "--seed", str(SCREEN_SEED)]
 
 
 # What is left to run goes in the order of the questions it answers (docs/results.md): what fp32 changes (the
@@ -168,6 +177,62 @@ def equal_time_plan(seeds, results, data_dir=DATA):
             flags, res = plan([seed], data_dir)[f"vit-tiny-s{seed}"]
             runs[f"vit-tiny-time-s{seed}"] = ([*flags, "--max-steps", str(steps)], res)
     return runs
+
+
+def screen_winners(results):
+    """The levers whose gain on `conv` in the screen clears the bar (seed_gap), in LEVERS' order; None until every
+    screen run has finished."""
+    bar = seed_gap(results)
+    if bar is None or any(f"small-{label}-s{SCREEN_SEED}" not in results for label in SCREEN):
+        return None
+    base = top1(results, f"small-conv-s{SCREEN_SEED}", ROTARY_RES)
+    return [lever for lever in LEVERS if top1(results, f"small-conv+{lever}-s{SCREEN_SEED}", ROTARY_RES) - base > bar]
+
+
+def screen_choice(results):
+    """The levers the screen chose to confirm: those of the best at ROTARY_RES among `conv` ([]), each winner alone
+    and, where there are several, `best` (all of them); None until those runs have finished."""
+    winners = screen_winners(results)
+    if winners is None:
+        return None
+    candidates = {"conv": [], **{f"conv+{lever}": [lever] for lever in winners}}
+    if len(winners) > 1:
+        candidates["best"] = winners
+    scores = {label: top1(results, f"small-{label}-s{SCREEN_SEED}", ROTARY_RES) for label in candidates}
+    return None if None in scores.values() else candidates[max(scores, key=scores.get)]
+
+
+def small_data_plan(seeds, results, data_dir=DATA):
+    """The screen's sequel (#37), known as the screen finishes: `best` where several levers cleared the bar, then
+    the confirmation at RES for EPOCHS, per seed: the CAT (`small-cat`, or `cat-tiny-conv-stem` itself where no lever
+    won), and `small-resnet18` and `small-vit-tiny` where the chosen levers change the training."""
+    winners, levers = screen_winners(results), screen_choice(results)
+    runs = {}
+    if winners and len(winners) > 1:
+        runs[f"small-best-s{SCREEN_SEED}"] = ([*screen_recipe(data_dir), *SCREEN_BASE, *lever_flags(winners)],
+                                              [ROTARY_RES])
+    if levers is None:
+        return runs
+    training = [lever for lever in levers if lever in TRAINING_LEVERS]
+    recipe = [*RECIPE, "--data-dir", data_dir, "--res", str(RES), "--epochs", str(EPOCHS), *lever_flags(training)]
+    cat = [*CONFIRMED["cat"], *lever_flags([lever for lever in levers if lever not in TRAINING_LEVERS])]
+    for seed in seeds:
+        for label, flags in CONFIRMED.items():
+            name = f"small-{label}" if levers else "cat-tiny-conv-stem"        # no lever won: the family itself
+            if label == "cat" or training:          # else the ResNet and the ViT have run this recipe already
+                runs[f"{name}-s{seed}"] = ([*recipe, *(cat if label == "cat" else flags), "--seed", str(seed)],
+                                           [RES, 160])
+    return runs
+
+
+def lever_flags(levers):
+    return [flag for lever in levers for flag in LEVERS[lever]]
+
+
+def every_run(seeds, results, data_dir=DATA):
+    """plan() and the runs known once others have finished: vit-tiny-time and the screen's sequel."""
+    return {**plan(seeds, data_dir), **equal_time_plan(seeds, results, data_dir),
+            **small_data_plan(seeds, results, data_dir)}
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -323,7 +388,7 @@ def report(results):
               *rotary_table(results, "rotary", ROTARIES, shapes=True),
               "", f"Rotaries on vit-tiny, trained at {ROTARY_RES} px (RoPE-ViT's DeiT-III ViT-S, 224 -> 384 px: "
               f"RoPE-Mixed 80.9 -> 81.8, APE 80.4 -> 79.4)", "", *rotary_table(results, "vit-rotary", VIT_ROTARIES)]
-    lines += ["", *screen_table(results)]
+    lines += ["", *screen_table(results), "", *confirmation_table(results)]
     lines += ["", precision_effect(results)]
     machines = {}
     for name, result in results.items():
@@ -371,17 +436,44 @@ def screen_table(results):
                 f"a gain counts (bold) above {bar:.1f} points, the widest gap between two seeds of one rotary run "
                 f"at {ROTARY_RES} px"), "",
              f"| run | params | GFLOPs | top-1 @ {ROTARY_RES} px | vs `conv` | train min |", "| --- " * 6 + "|"]
-    for label in SCREEN:
+    shown, winners = {label: f"`{label}`" for label in SCREEN}, screen_winners(results)
+    if winners and len(winners) > 1:
+        shown["best"] = f"`best`: {' '.join(f'`{lever}`' for lever in winners)}"
+    for label, text in shown.items():
         name = f"small-{label}-s{SCREEN_SEED}"
         if name not in results:
-            lines.append(f"| `{label}` | - | - | - | - | - |")
+            lines.append(f"| {text} | - | - | - | - | - |")
             continue
         run, value = results[name], top1(results, name, ROTARY_RES)
         gain = "-" if base is None else f"{value - base:+.1f}"
         if base is not None and bar is not None and value - base > bar:
             gain = f"**{gain}**"
-        lines.append(f"| `{label}` | {run['params'] / 1e6:.2f}M | {run['flops_per_image'] / 1e9:.2f} | {value:.1f} | "
+        lines.append(f"| {text} | {run['params'] / 1e6:.2f}M | {run['flops_per_image'] / 1e9:.2f} | {value:.1f} | "
                      f"{gain} | {by_machine([run], lambda x: x['train_seconds'] / 60)} |")
+    return lines
+
+
+def confirmation_table(results):
+    """The screen's sequel: CAT with the conv stem, the ResNet-18 and the ViT at RES for EPOCHS, under the shared
+    recipe and the screen's, and how many points each is behind the ResNet-18 trained with the same flags."""
+    levers = screen_choice(results)
+    chosen = ("not chosen yet (the screen has not finished)" if levers is None else
+              " ".join(f"`{lever}`" for lever in levers) or "none (no lever cleared the bar)")
+    lines = [f"A CAT for small data, confirmed: {RES} px, {EPOCHS} epochs; the screen's levers: {chosen}", "",
+             f"| run | recipe | top-1 @ {RES} px | top-1 @ 160 px | behind resnet18 @ {RES} px | train min |",
+             "| --- " * 6 + "|"]
+    rows = [(label, "shared", "resnet18") for label in ("cat-tiny-conv-stem", "resnet18", "vit-tiny")]
+    if levers:
+        training = any(lever in TRAINING_LEVERS for lever in levers)
+        rows += [(f"small-{label}", "+ " + " ".join(levers), "small-resnet18" if training else "resnet18")
+                 for label in CONFIRMED if label == "cat" or training]
+    for label, recipe, resnet in rows:
+        names, reference = seeds_of(results, label), seed_top1(results, resnet)
+        mine = seed_top1(results, label)
+        behind = f"{statistics.mean(reference) - statistics.mean(mine):.1f}" if mine and reference else "-"
+        minutes = by_machine([results[n] for n in names], lambda x: x["train_seconds"] / 60)
+        lines.append(f"| `{label}` | {recipe} | {cell(mine)} | {cell(seed_top1(results, label, 160))} | "
+                     f"{'-' if label == resnet else behind} | {minutes} |")
     return lines
 
 
@@ -501,17 +593,15 @@ def main():
     args = parser.parse_args()
     results = load_results(args.json)
     if args.list:
-        for name, (flags, res) in {**plan(args.seeds, args.data_dir),
-                                   **equal_time_plan(args.seeds, results, args.data_dir)}.items():
+        for name, (flags, res) in every_run(args.seeds, results, args.data_dir).items():
             print(f"{name}: train.py {' '.join(flags)}; eval at {res or 'the training resolution'}")
         return
     if args.runs:
-        known = {**plan(args.seeds, args.data_dir), **equal_time_plan(args.seeds, results, args.data_dir)}
-        unknown = sorted(set(args.runs) - set(known))
-        if unknown:     # vit-tiny-time-sN only exists once its two runs have finished
+        unknown = sorted(set(args.runs) - set(every_run(args.seeds, results, args.data_dir)))
+        if unknown:     # vit-tiny-time-sN and the screen's sequel only exist once the runs they need have finished
             parser.error(f"--runs: no run named {', '.join(unknown)} (see --list)")
     while not args.report:
-        runs = {**plan(args.seeds, args.data_dir), **equal_time_plan(args.seeds, results, args.data_dir)}
+        runs = every_run(args.seeds, results, args.data_dir)
         todo = [n for n in runs if n not in results and (not args.runs or n in args.runs)]
         if not todo:
             break

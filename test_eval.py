@@ -341,6 +341,69 @@ def test_the_screen_table_gives_each_lever_its_gain_on_the_conv_stem():
     assert "| `conv+ema` | 1.59M | 0.35 | 71.8 | **+1.8** | 10.0 EPYC |" in rows
 
 
+def screen_results(**gains):
+    """A finished screen: `conv` at 70.0, each lever at 70.0 + its gain (0 unless given), and a bar of 1.7 points."""
+    def run(top1, res=80):
+        return {"params": 1.59e6, "flops_per_image": 0.35e9, "train_seconds": 600.0,
+                "machine": "EPYC (AVX512-BF16)", "eval": [{"res": res, "top1": top1}, {"res": 160, "top1": top1}]}
+    results = {"rotary-mixed-s0": run(69.2), "rotary-mixed-s1": run(70.9), "small-patch-s0": run(62.0),
+               "small-conv-s0": run(70.0)}
+    return run, results | {f"small-conv+{lever}-s0": run(70.0 + gains.get(lever, 0.0)) for lever in experiments.LEVERS}
+
+
+def test_the_screen_chooses_what_to_confirm_by_its_rule():
+    """Levers above the bar run together on `conv` (small-best); the best of `conv`, those levers and small-best is
+    confirmed at 128 px for 20 epochs on 3 seeds, its training flags unchanged for the ResNet-18 and the ViT."""
+    def parsed(runs):
+        return {name: train.parse_args(flags)[0] for name, (flags, _) in runs.items()}
+    run, results = screen_results(trivial=2.0, mix=1.5, ema=1.8)
+    assert experiments.small_data_plan([0, 1, 2], {k: v for k, v in results.items() if k != "small-conv+cls-s0"}) == {}
+    runs = experiments.small_data_plan([0, 1, 2], results)              # two winners: their run together first
+    assert list(runs) == ["small-best-s0"] and runs["small-best-s0"][1] == [80]
+    best = parsed(runs)["small-best-s0"]
+    assert (best.res, best.epochs, best.seed, best.stem, best.pos) == (80, 10, 0, "conv", "scaled")
+    assert (best.auto_augment, best.ema, best.mixup) == ("trivial", 0.998, 0.0)         # mix's +1.5 is under the bar
+    assert experiments.screen_choice(results) is None
+
+    results["small-best-s0"] = run(73.0)                                 # together beats either alone
+    runs = parsed(experiments.small_data_plan([0, 1, 2], results))
+    assert experiments.screen_choice(results) == ["trivial", "ema"]
+    assert list(runs) == ["small-best-s0"] + [f"small-{m}-s{s}" for s in (0, 1, 2) for m in ("cat", "resnet18", "vit-tiny")]
+    for name, args in runs.items():
+        if name != "small-best-s0":
+            assert (args.res, args.epochs, args.seed, args.auto_augment, args.ema) == (128, 20, int(name[-1]), "trivial",
+                                                                                     0.998)
+    assert [runs[f"small-{m}-s1"].model for m in ("cat", "resnet18", "vit-tiny")] == ["cat-tiny", "resnet18", "vit-tiny"]
+    assert (runs["small-cat-s0"].stem, runs["small-cat-s0"].pos) == ("conv", "scaled")
+
+    results["small-best-s0"] = run(71.0)                                 # together loses to trivial alone
+    assert experiments.screen_choice(results) == ["trivial"]
+
+    run, results = screen_results(mlp2=2.5)                              # one winner, and it changes the model only
+    runs = parsed(experiments.small_data_plan([0, 1, 2], results))
+    assert list(runs) == ["small-cat-s0", "small-cat-s1", "small-cat-s2"] and runs["small-cat-s0"].mlp_ratio == 2
+
+    run, results = screen_results(erase=1.0)                             # nothing clears the bar: the conv stem's seeds
+    runs = experiments.small_data_plan([0, 1, 2], results)
+    plan = experiments.plan([0])
+    assert list(runs) == ["cat-tiny-conv-stem-s0", "cat-tiny-conv-stem-s1", "cat-tiny-conv-stem-s2"]
+    assert runs["cat-tiny-conv-stem-s0"] == plan["cat-tiny-conv-stem-s0"]
+
+
+def test_the_confirmation_table_gives_each_model_its_gap_to_the_resnet_under_the_same_recipe():
+    run, results = screen_results(trivial=2.0)
+    rows = experiments.confirmation_table(results)
+    assert "the screen's levers: `trivial`" in rows[0]
+    assert rows[-1] == "| `small-vit-tiny` | + trivial | - | - | - | - |"             # queued
+    results |= {"resnet18-s0": run(85.4, 128), "cat-tiny-conv-stem-s0": run(80.9, 128),
+                "small-resnet18-s0": run(86.0, 128), "small-cat-s0": run(82.0, 128), "small-cat-s1": run(83.0, 128)}
+    rows = experiments.confirmation_table(results)
+    assert "| `cat-tiny-conv-stem` | shared | 80.9 | 80.9 | 4.5 | 10.0 EPYC |" in rows
+    assert "| `resnet18` | shared | 85.4 | 85.4 | - | 10.0 EPYC |" in rows
+    assert "| `small-cat` | + trivial | 82.5 ± 0.7 (2) | 82.5 ± 0.7 (2) | 3.5 | 10.0 ± 0.0 (2) EPYC |" in rows
+    assert "not chosen yet" in experiments.confirmation_table({})[0]
+
+
 def test_the_resolution_plot_has_both_models_rotaries_as_seed_means():
     def run(*top1):
         return {"eval": [{"res": r, "top1": t} for r, t in zip(experiments.ROTARY_EVAL, top1)]}
