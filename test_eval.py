@@ -1,6 +1,7 @@
 """eval.py on a checkpoint trained here, its refusals, bench.py's smoke mode and experiments.py's plan."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,6 +244,13 @@ def test_every_experiment_is_a_valid_train_command():
     assert [train.parse_args(timed[f"vit-tiny-time-s{s}"][0])[0].max_steps for s in (0, 1)] == [600, 600]
     results["cat-tiny-s1"] = {"train_seconds": 1000.0, "train_images_per_s": 75.0, **here}   # now one machine
     assert train.parse_args(experiments.equal_time_plan([1], results)["vit-tiny-time-s1"][0])[0].max_steps == 500
+
+
+def test_the_results_docs_count_the_runs_planned():
+    """docs/results.md's status line said 72 runs after a ninth screen run made the plan 73."""
+    text = (REPO / "docs" / "results.md").read_text()
+    total, planned = map(int, re.search(r"plans\s+(\d+) runs \((\d+), plus `vit-tiny` at", text).groups())
+    assert (total, planned) == (len(experiments.plan([0, 1, 2])) + 3, len(experiments.plan([0, 1, 2])))
 
 
 def test_headline_time_ratio_comes_from_one_machine():
