@@ -98,10 +98,11 @@ LEVERS = {"trivial": ["--auto-augment", "trivial"],         # TrivialAugmentWide
 SCREEN_BASE = [*cat_tiny(pos="scaled"), "--stem", "conv"]
 SCREEN = {"patch": [*cat_tiny(pos="scaled"), "--stem", "patch"], "conv": SCREEN_BASE,     # label: flags
           **{f"conv+{lever}": [*SCREEN_BASE, *flags] for lever, flags in LEVERS.items()}}
-# Then, by a rule fixed before the screen ran (small_data_plan): the levers that clear the bar run together on
-# `conv` (`best`); the best of `conv`, those levers alone and `best` is confirmed at the families' size and length
-# on 3 seeds. Its training levers run unchanged for the ResNet-18 and the ViT, so that the comparison stays fair;
-# the others change the model and are CAT's own.
+# Then, by a fixed rule (small_data_plan): the levers that clear the bar run together on `conv`; the best of those
+# levers alone and together (ties to fewer levers) is confirmed at the families' size and length on 3 seeds, and
+# its training levers run unchanged for the ResNet-18 and the ViT, so that the comparison stays fair; the other
+# levers change the model and are CAT's own. Where no lever clears the bar, the confirmation is `conv` itself
+# (cat-tiny-conv-stem) against the ResNet-18, both to 3 seeds.
 TRAINING_LEVERS = ("trivial", "mix", "erase", "ema", "lr2e-3")
 CONFIRMED = {"cat": SCREEN_BASE, "resnet18": ["--model", "resnet18"], "vit-tiny": ["--model", "vit-tiny"]}
 SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
@@ -154,8 +155,9 @@ QUESTIONS = ("rotary-cat-fp32", "cat-tiny-conv-stem", "vit-tiny-conv-stem", "cat
 
 
 def by_question(name):
-    """The study's questions in order, then its other runs, then the small-data screen."""
-    if name.startswith("small-"):
+    """The study's questions in order, then its other runs, then the small-data screen and its sequel (which may
+    continue cat-tiny-conv-stem and resnet18 past seed 0)."""
+    if name.startswith("small-") or re.fullmatch(r"(cat-tiny-conv-stem|resnet18)-s[1-9]\d*", name):
         return len(QUESTIONS) + 1
     return next((i for i, prefix in enumerate(QUESTIONS) if name.startswith(prefix)), len(QUESTIONS))
 
@@ -186,42 +188,51 @@ def screen_winners(results):
     if bar is None or any(f"small-{label}-s{SCREEN_SEED}" not in results for label in SCREEN):
         return None
     base = top1(results, f"small-conv-s{SCREEN_SEED}", ROTARY_RES)
-    return [lever for lever in LEVERS if top1(results, f"small-conv+{lever}-s{SCREEN_SEED}", ROTARY_RES) - base > bar]
+    return [lever for lever in LEVERS if top1(results, screen_name([lever]), ROTARY_RES) - base > bar]
 
 
 def screen_choice(results):
-    """The levers the screen chose to confirm: those of the best at ROTARY_RES among `conv` ([]), each winner alone
-    and, where there are several, `best` (all of them); None until those runs have finished."""
+    """The levers to confirm: the best at ROTARY_RES of each winner alone and, where there are several, all of
+    them together (small-conv+A+B-s0); [] where no lever won; None until those runs have finished."""
     winners = screen_winners(results)
-    if winners is None:
-        return None
-    candidates = {"conv": [], **{f"conv+{lever}": [lever] for lever in winners}}
+    if not winners:
+        return winners
+    candidates = [[lever] for lever in winners]
     if len(winners) > 1:
-        candidates["best"] = winners
-    scores = {label: top1(results, f"small-{label}-s{SCREEN_SEED}", ROTARY_RES) for label in candidates}
-    return None if None in scores.values() else candidates[max(scores, key=scores.get)]
+        candidates.append(winners)
+    scores = [top1(results, screen_name(levers), ROTARY_RES) for levers in candidates]
+    return None if None in scores else candidates[scores.index(max(scores))]
+
+
+def screen_name(levers):
+    return f"small-conv+{'+'.join(levers)}-s{SCREEN_SEED}"
+
+
+def confirmed_names(levers):
+    """{model: run label} of the confirmation of `levers`: the CAT with them all, the ResNet-18 and the ViT with
+    the training ones; where those are none, the families that already ran the shared recipe."""
+    training = [lever for lever in levers if lever in TRAINING_LEVERS]
+    if training:
+        return {model: f"small-{model}+" + "+".join(levers if model == "cat" else training) for model in CONFIRMED}
+    return {"cat": "small-cat+" + "+".join(levers) if levers else "cat-tiny-conv-stem", "resnet18": "resnet18"}
 
 
 def small_data_plan(seeds, results, data_dir=DATA):
-    """The screen's sequel (#37), known as the screen finishes: `best` where several levers cleared the bar, then
-    the confirmation at RES for EPOCHS, per seed: the CAT (`small-cat`, or `cat-tiny-conv-stem` itself where no lever
-    won), and `small-resnet18` and `small-vit-tiny` where the chosen levers change the training."""
+    """The screen's sequel (#37), known as the screen finishes: the winning levers together, then the confirmation
+    of screen_choice() at RES for EPOCHS, per seed."""
     winners, levers = screen_winners(results), screen_choice(results)
     runs = {}
     if winners and len(winners) > 1:
-        runs[f"small-best-s{SCREEN_SEED}"] = ([*screen_recipe(data_dir), *SCREEN_BASE, *lever_flags(winners)],
-                                              [ROTARY_RES])
+        runs[screen_name(winners)] = ([*screen_recipe(data_dir), *SCREEN_BASE, *lever_flags(winners)], [ROTARY_RES])
     if levers is None:
         return runs
-    training = [lever for lever in levers if lever in TRAINING_LEVERS]
-    recipe = [*RECIPE, "--data-dir", data_dir, "--res", str(RES), "--epochs", str(EPOCHS), *lever_flags(training)]
+    recipe = [*RECIPE, "--data-dir", data_dir, "--res", str(RES), "--epochs", str(EPOCHS),
+              *lever_flags([lever for lever in levers if lever in TRAINING_LEVERS])]
     cat = [*CONFIRMED["cat"], *lever_flags([lever for lever in levers if lever not in TRAINING_LEVERS])]
     for seed in seeds:
-        for label, flags in CONFIRMED.items():
-            name = f"small-{label}" if levers else "cat-tiny-conv-stem"        # no lever won: the family itself
-            if label == "cat" or training:          # else the ResNet and the ViT have run this recipe already
-                runs[f"{name}-s{seed}"] = ([*recipe, *(cat if label == "cat" else flags), "--seed", str(seed)],
-                                           [RES, 160])
+        for model, label in confirmed_names(levers).items():
+            runs[f"{label}-s{seed}"] = ([*recipe, *(cat if model == "cat" else CONFIRMED[model]), "--seed", str(seed)],
+                                        [RES, 160])
     return runs
 
 
@@ -436,44 +447,42 @@ def screen_table(results):
                 f"a gain counts (bold) above {bar:.1f} points, the widest gap between two seeds of one rotary run "
                 f"at {ROTARY_RES} px"), "",
              f"| run | params | GFLOPs | top-1 @ {ROTARY_RES} px | vs `conv` | train min |", "| --- " * 6 + "|"]
-    shown, winners = {label: f"`{label}`" for label in SCREEN}, screen_winners(results)
+    winners = screen_winners(results)
+    labels = list(SCREEN)
     if winners and len(winners) > 1:
-        shown["best"] = f"`best`: {' '.join(f'`{lever}`' for lever in winners)}"
-    for label, text in shown.items():
+        labels.append(f"conv+{'+'.join(winners)}")          # the winners together
+    for label in labels:
         name = f"small-{label}-s{SCREEN_SEED}"
         if name not in results:
-            lines.append(f"| {text} | - | - | - | - | - |")
+            lines.append(f"| `{label}` | - | - | - | - | - |")
             continue
         run, value = results[name], top1(results, name, ROTARY_RES)
         gain = "-" if base is None else f"{value - base:+.1f}"
         if base is not None and bar is not None and value - base > bar:
             gain = f"**{gain}**"
-        lines.append(f"| {text} | {run['params'] / 1e6:.2f}M | {run['flops_per_image'] / 1e9:.2f} | {value:.1f} | "
+        lines.append(f"| `{label}` | {run['params'] / 1e6:.2f}M | {run['flops_per_image'] / 1e9:.2f} | {value:.1f} | "
                      f"{gain} | {by_machine([run], lambda x: x['train_seconds'] / 60)} |")
     return lines
 
 
 def confirmation_table(results):
     """The screen's sequel: CAT with the conv stem, the ResNet-18 and the ViT at RES for EPOCHS, under the shared
-    recipe and the screen's, and how many points each is behind the ResNet-18 trained with the same flags."""
+    recipe and the screen's, and how many points each is behind the ResNet-18 trained with the same flags (means
+    over the seeds finished)."""
     levers = screen_choice(results)
     chosen = ("not chosen yet (the screen has not finished)" if levers is None else
               " ".join(f"`{lever}`" for lever in levers) or "none (no lever cleared the bar)")
     lines = [f"A CAT for small data, confirmed: {RES} px, {EPOCHS} epochs; the screen's levers: {chosen}", "",
-             f"| run | recipe | top-1 @ {RES} px | top-1 @ 160 px | behind resnet18 @ {RES} px | train min |",
-             "| --- " * 6 + "|"]
-    rows = [(label, "shared", "resnet18") for label in ("cat-tiny-conv-stem", "resnet18", "vit-tiny")]
-    if levers:
-        training = any(lever in TRAINING_LEVERS for lever in levers)
-        rows += [(f"small-{label}", "+ " + " ".join(levers), "small-resnet18" if training else "resnet18")
-                 for label in CONFIRMED if label == "cat" or training]
-    for label, recipe, resnet in rows:
-        names, reference = seeds_of(results, label), seed_top1(results, resnet)
-        mine = seed_top1(results, label)
-        behind = f"{statistics.mean(reference) - statistics.mean(mine):.1f}" if mine and reference else "-"
-        minutes = by_machine([results[n] for n in names], lambda x: x["train_seconds"] / 60)
-        lines.append(f"| `{label}` | {recipe} | {cell(mine)} | {cell(seed_top1(results, label, 160))} | "
-                     f"{'-' if label == resnet else behind} | {minutes} |")
+             f"| run | top-1 @ {RES} px | top-1 @ 160 px | behind resnet18 @ {RES} px | train min |", "| --- " * 5 + "|"]
+    shared = {"cat": "cat-tiny-conv-stem", "resnet18": "resnet18", "vit-tiny": "vit-tiny"}
+    for names in [shared, confirmed_names(levers)] if levers else [shared]:
+        resnet = seed_top1(results, names["resnet18"])
+        for label in names.values():
+            mine = seed_top1(results, label)
+            behind = f"{statistics.mean(resnet) - statistics.mean(mine):.1f}" if mine and resnet else "-"
+            minutes = by_machine([results[n] for n in seeds_of(results, label)], lambda x: x["train_seconds"] / 60)
+            lines.append(f"| `{label}` | {cell(mine)} | {cell(seed_top1(results, label, 160))} | "
+                         f"{'-' if label == names['resnet18'] else behind} | {minutes} |")
     return lines
 
 

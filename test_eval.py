@@ -247,7 +247,7 @@ def test_every_experiment_is_a_valid_train_command():
 
 
 def test_the_results_docs_count_the_runs_planned():
-    """docs/results.md's status line said 72 runs after a ninth screen run made the plan 73."""
+    """docs/results.md's status line gives the plan's run count."""
     text = (REPO / "docs" / "results.md").read_text()
     total, planned = map(int, re.search(r"plans\s+(\d+) runs \((\d+), plus `vit-tiny` at", text).groups())
     assert (total, planned) == (len(experiments.plan([0, 1, 2])) + 3, len(experiments.plan([0, 1, 2])))
@@ -360,56 +360,76 @@ def screen_results(**gains):
 
 
 def test_the_screen_chooses_what_to_confirm_by_its_rule():
-    """Levers above the bar run together on `conv` (small-best); the best of `conv`, those levers and small-best is
-    confirmed at 128 px for 20 epochs on 3 seeds, its training flags unchanged for the ResNet-18 and the ViT."""
+    """Levers above the bar run together on `conv`; the best of them alone and together is confirmed at 128 px for
+    20 epochs on 3 seeds, its training flags unchanged for the ResNet-18 and the ViT, its model flags CAT's own."""
     def parsed(runs):
         return {name: train.parse_args(flags)[0] for name, (flags, _) in runs.items()}
-    run, results = screen_results(trivial=2.0, mix=1.5, ema=1.8)
+    run, results = screen_results(trivial=2.0, mix=1.5, mlp2=1.8)
     assert experiments.small_data_plan([0, 1, 2], {k: v for k, v in results.items() if k != "small-conv+cls-s0"}) == {}
     runs = experiments.small_data_plan([0, 1, 2], results)              # two winners: their run together first
-    assert list(runs) == ["small-best-s0"] and runs["small-best-s0"][1] == [80]
-    best = parsed(runs)["small-best-s0"]
-    assert (best.res, best.epochs, best.seed, best.stem, best.pos) == (80, 10, 0, "conv", "scaled")
-    assert (best.auto_augment, best.ema, best.mixup) == ("trivial", 0.998, 0.0)         # mix's +1.5 is under the bar
+    assert list(runs) == ["small-conv+trivial+mlp2-s0"] and runs["small-conv+trivial+mlp2-s0"][1] == [80]
+    both = parsed(runs)["small-conv+trivial+mlp2-s0"]
+    assert (both.res, both.epochs, both.seed, both.stem, both.pos) == (80, 10, 0, "conv", "scaled")
+    assert (both.auto_augment, both.mlp_ratio, both.mixup) == ("trivial", 2, 0.0)     # mix's +1.5 is under the bar
     assert experiments.screen_choice(results) is None
 
-    results["small-best-s0"] = run(73.0)                                 # together beats either alone
+    results["small-conv+trivial+mlp2-s0"] = run(73.0)                   # together beats either alone
     runs = parsed(experiments.small_data_plan([0, 1, 2], results))
-    assert experiments.screen_choice(results) == ["trivial", "ema"]
-    assert list(runs) == ["small-best-s0"] + [f"small-{m}-s{s}" for s in (0, 1, 2) for m in ("cat", "resnet18", "vit-tiny")]
-    for name, args in runs.items():
-        if name != "small-best-s0":
-            assert (args.res, args.epochs, args.seed, args.auto_augment, args.ema) == (128, 20, int(name[-1]), "trivial",
-                                                                                     0.998)
-    assert [runs[f"small-{m}-s1"].model for m in ("cat", "resnet18", "vit-tiny")] == ["cat-tiny", "resnet18", "vit-tiny"]
-    assert (runs["small-cat-s0"].stem, runs["small-cat-s0"].pos) == ("conv", "scaled")
+    assert experiments.screen_choice(results) == ["trivial", "mlp2"]
+    confirmed = ["small-cat+trivial+mlp2", "small-resnet18+trivial", "small-vit-tiny+trivial"]
+    assert list(runs) == ["small-conv+trivial+mlp2-s0", *[f"{n}-s{s}" for s in (0, 1, 2) for n in confirmed]]
+    for name in runs:
+        if not name.startswith("small-conv+"):
+            assert (runs[name].res, runs[name].epochs, runs[name].seed, runs[name].auto_augment) == (128, 20, int(name[-1]),
+                                                                                                   "trivial")
+    cat, resnet, vit = (runs[f"{n}-s1"] for n in confirmed)
+    assert [cat.model, resnet.model, vit.model] == ["cat-tiny", "resnet18", "vit-tiny"]
+    assert (cat.stem, cat.pos, cat.mlp_ratio, vit.mlp_ratio) == ("conv", "scaled", 2, None)   # mlp2 is CAT's own
 
-    results["small-best-s0"] = run(71.0)                                 # together loses to trivial alone
+    results["small-conv+trivial+mlp2-s0"] = run(71.0)                   # together loses to trivial alone
+    assert experiments.screen_choice(results) == ["trivial"]
+    results["small-conv+trivial+mlp2-s0"] = run(72.0)                   # ties trivial alone: the fewer levers
     assert experiments.screen_choice(results) == ["trivial"]
 
-    run, results = screen_results(mlp2=2.5)                              # one winner, and it changes the model only
+    run, results = screen_results(**{"lr2e-3": 3.0})                    # one winner that overrides a recipe flag
     runs = parsed(experiments.small_data_plan([0, 1, 2], results))
-    assert list(runs) == ["small-cat-s0", "small-cat-s1", "small-cat-s2"] and runs["small-cat-s0"].mlp_ratio == 2
+    assert list(runs)[:3] == ["small-cat+lr2e-3-s0", "small-resnet18+lr2e-3-s0", "small-vit-tiny+lr2e-3-s0"]
+    assert {args.lr for args in runs.values()} == {2e-3}
 
-    run, results = screen_results(erase=1.0)                             # nothing clears the bar: the conv stem's seeds
+    run, results = screen_results(cls=2.5)                              # one winner, and it changes the model only
+    runs = parsed(experiments.small_data_plan([0, 1, 2], results))      # the ResNet-18's shared recipe to 3 seeds
+    assert list(runs) == [f"{n}-s{s}" for s in (0, 1, 2) for n in ("small-cat+cls", "resnet18")]
+    assert runs["small-cat+cls-s0"].pool == "cls" and runs["resnet18-s2"].model == "resnet18"
+
+    run, results = screen_results(erase=1.0)                            # nothing clears the bar: `conv` itself
     runs = experiments.small_data_plan([0, 1, 2], results)
     plan = experiments.plan([0])
-    assert list(runs) == ["cat-tiny-conv-stem-s0", "cat-tiny-conv-stem-s1", "cat-tiny-conv-stem-s2"]
-    assert runs["cat-tiny-conv-stem-s0"] == plan["cat-tiny-conv-stem-s0"]
+    assert list(runs) == [f"{n}-s{s}" for s in (0, 1, 2) for n in ("cat-tiny-conv-stem", "resnet18")]
+    assert runs["cat-tiny-conv-stem-s0"] == plan["cat-tiny-conv-stem-s0"] and runs["resnet18-s0"] == plan["resnet18-s0"]
+    # the sequel runs after the rest of the study, even where it continues a family
+    assert experiments.by_question("resnet18-s1") == experiments.by_question("small-conv-s0")
+    assert experiments.by_question("resnet18-s0") < experiments.by_question("small-conv-s0")
+    assert experiments.by_question("cat-tiny-conv-stem-s2") > experiments.by_question("vit-tiny-e10-s1")
 
 
 def test_the_confirmation_table_gives_each_model_its_gap_to_the_resnet_under_the_same_recipe():
-    run, results = screen_results(trivial=2.0)
+    run, results = screen_results(trivial=2.0, cls=2.5)
+    results["small-conv+trivial+cls-s0"] = run(73.0)
     rows = experiments.confirmation_table(results)
-    assert "the screen's levers: `trivial`" in rows[0]
-    assert rows[-1] == "| `small-vit-tiny` | + trivial | - | - | - | - |"             # queued
+    assert "the screen's levers: `trivial` `cls`" in rows[0]
+    assert rows[-1] == "| `small-vit-tiny+trivial` | - | - | - | - |"                 # queued
     results |= {"resnet18-s0": run(85.4, 128), "cat-tiny-conv-stem-s0": run(80.9, 128),
-                "small-resnet18-s0": run(86.0, 128), "small-cat-s0": run(82.0, 128), "small-cat-s1": run(83.0, 128)}
+                "small-resnet18+trivial-s0": run(86.0, 128), "small-cat+trivial+cls-s0": run(82.0, 128),
+                "small-cat+trivial+cls-s1": run(83.0, 128)}
     rows = experiments.confirmation_table(results)
-    assert "| `cat-tiny-conv-stem` | shared | 80.9 | 80.9 | 4.5 | 10.0 EPYC |" in rows
-    assert "| `resnet18` | shared | 85.4 | 85.4 | - | 10.0 EPYC |" in rows
-    assert "| `small-cat` | + trivial | 82.5 ± 0.7 (2) | 82.5 ± 0.7 (2) | 3.5 | 10.0 ± 0.0 (2) EPYC |" in rows
+    assert "| `cat-tiny-conv-stem` | 80.9 | 80.9 | 4.5 | 10.0 EPYC |" in rows
+    assert "| `resnet18` | 85.4 | 85.4 | - | 10.0 EPYC |" in rows
+    assert "| `small-cat+trivial+cls` | 82.5 ± 0.7 (2) | 82.5 ± 0.7 (2) | 3.5 | 10.0 ± 0.0 (2) EPYC |" in rows
+    assert "| `small-resnet18+trivial` | 86.0 | 86.0 | - | 10.0 EPYC |" in rows
     assert "not chosen yet" in experiments.confirmation_table({})[0]
+    run, results = screen_results()
+    assert "none (no lever cleared the bar)" in experiments.confirmation_table(results)[0]
+    assert len(experiments.confirmation_table(results)) == 4 + 3                          # the shared recipe's rows
 
 
 def test_the_resolution_plot_has_both_models_rotaries_as_seed_means():
