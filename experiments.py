@@ -475,14 +475,14 @@ def confirmation_table(results):
     lines = [f"A CAT for small data, confirmed: {RES} px, {EPOCHS} epochs; the screen's levers: {chosen}", "",
              f"| run | top-1 @ {RES} px | top-1 @ 160 px | behind resnet18 @ {RES} px | train min |", "| --- " * 5 + "|"]
     shared = {"cat": "cat-tiny-conv-stem", "resnet18": "resnet18", "vit-tiny": "vit-tiny"}
-    for names in [shared, confirmed_names(levers)] if levers else [shared]:
-        resnet = seed_top1(results, names["resnet18"])
-        for label in names.values():
-            mine = seed_top1(results, label)
-            behind = f"{statistics.mean(resnet) - statistics.mean(mine):.1f}" if mine and resnet else "-"
-            minutes = by_machine([results[n] for n in seeds_of(results, label)], lambda x: x["train_seconds"] / 60)
-            lines.append(f"| `{label}` | {cell(mine)} | {cell(seed_top1(results, label, 160))} | "
-                         f"{'-' if label == names['resnet18'] else behind} | {minutes} |")
+    rows = {label: names["resnet18"] for names in ([shared, confirmed_names(levers)] if levers else [shared])
+            for label in names.values()}                    # run label: the ResNet-18 trained with its flags
+    for label, resnet in rows.items():
+        mine, reference = seed_top1(results, label), seed_top1(results, resnet)
+        behind = f"{statistics.mean(reference) - statistics.mean(mine):.1f}" if mine and reference else "-"
+        minutes = by_machine([results[n] for n in seeds_of(results, label)], lambda x: x["train_seconds"] / 60)
+        lines.append(f"| `{label}` | {cell(mine)} | {cell(seed_top1(results, label, 160))} | "
+                     f"{'-' if label == resnet else behind} | {minutes} |")
     return lines
 
 

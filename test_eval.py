@@ -430,6 +430,9 @@ def test_the_confirmation_table_gives_each_model_its_gap_to_the_resnet_under_the
     run, results = screen_results()
     assert "none (no lever cleared the bar)" in experiments.confirmation_table(results)[0]
     assert len(experiments.confirmation_table(results)) == 4 + 3                          # the shared recipe's rows
+    run, results = screen_results(cls=2.5)                  # the CAT changes, the ResNet-18 keeps the shared recipe
+    assert [row.split(" | ")[0] for row in experiments.confirmation_table(results)[4:]] == [
+        "| `cat-tiny-conv-stem`", "| `resnet18`", "| `vit-tiny`", "| `small-cat+cls`"]
 
 
 def test_the_resolution_plot_has_both_models_rotaries_as_seed_means():
