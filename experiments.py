@@ -1,5 +1,6 @@
 """The README's results: CAT against ViT, Performer, Swin and a ResNet-18 on Imagenette, the CAT paper's Table 4,
-the 2D rotaries across resolutions, the paper's 10-epoch headline, and a screen of what helps CAT on small data.
+the 2D rotaries across resolutions, the paper's 10-epoch headline, and a screen of what helps CAT on small data
+with its confirmation against the ResNet-18.
 
     python experiments.py                      # every run not finished yet, in order; about 19 h on 2 Xeon cores (AMX)
     python experiments.py --runs cat-tiny-s0   # some runs only (by name; --list shows them all)
