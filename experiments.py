@@ -209,13 +209,19 @@ def screen_name(levers):
     return f"small-conv+{'+'.join(levers)}-s{SCREEN_SEED}"
 
 
-def confirmed_names(levers):
-    """{model: run label} of the confirmation of `levers`: the CAT with them all, the ResNet-18 and the ViT with
-    the training ones; where those are none, the families that already ran the shared recipe."""
+def confirmation(levers):
+    """{model: (run label, its train.py flags beyond the families' recipe)} of the confirmation of `levers`: the CAT
+    with them all, the ResNet-18 and the ViT with the training ones. Without training levers the ResNet-18 keeps the
+    shared recipe (the ViT has three seeds of it already), and without any the CAT is cat-tiny-conv-stem itself."""
     training = [lever for lever in levers if lever in TRAINING_LEVERS]
-    if training:
-        return {model: f"small-{model}+" + "+".join(levers if model == "cat" else training) for model in CONFIRMED}
-    return {"cat": "small-cat+" + "+".join(levers) if levers else "cat-tiny-conv-stem", "resnet18": "resnet18"}
+    if not training:
+        cat = "small-cat+" + "+".join(levers) if levers else "cat-tiny-conv-stem"
+        return {"cat": (cat, [*CONFIRMED["cat"], *lever_flags(levers)]), "resnet18": ("resnet18", CONFIRMED["resnet18"])}
+    runs = {}
+    for model, flags in CONFIRMED.items():
+        own = levers if model == "cat" else training
+        runs[model] = (f"small-{model}+" + "+".join(own), [*flags, *lever_flags(own)])
+    return runs
 
 
 def small_data_plan(seeds, results, data_dir=DATA):
@@ -227,13 +233,10 @@ def small_data_plan(seeds, results, data_dir=DATA):
         runs[screen_name(winners)] = ([*screen_recipe(data_dir), *SCREEN_BASE, *lever_flags(winners)], [ROTARY_RES])
     if levers is None:
         return runs
-    recipe = [*RECIPE, "--data-dir", data_dir, "--res", str(RES), "--epochs", str(EPOCHS),
-              *lever_flags([lever for lever in levers if lever in TRAINING_LEVERS])]
-    cat = [*CONFIRMED["cat"], *lever_flags([lever for lever in levers if lever not in TRAINING_LEVERS])]
+    recipe = [*RECIPE, "--data-dir", data_dir, "--res", str(RES), "--epochs", str(EPOCHS)]
     for seed in seeds:
-        for model, label in confirmed_names(levers).items():
-            runs[f"{label}-s{seed}"] = ([*recipe, *(cat if model == "cat" else CONFIRMED[model]), "--seed", str(seed)],
-                                        [RES, 160])
+        for label, flags in confirmation(levers).values():
+            runs[f"{label}-s{seed}"] = ([*recipe, *flags, "--seed", str(seed)], [RES, 160])
     return runs
 
 
@@ -476,7 +479,8 @@ def confirmation_table(results):
     lines = [f"A CAT for small data, confirmed: {RES} px, {EPOCHS} epochs; the screen's levers: {chosen}", "",
              f"| run | top-1 @ {RES} px | top-1 @ 160 px | behind resnet18 @ {RES} px | train min |", "| --- " * 5 + "|"]
     shared = {"cat": "cat-tiny-conv-stem", "resnet18": "resnet18", "vit-tiny": "vit-tiny"}
-    rows = {label: names["resnet18"] for names in ([shared, confirmed_names(levers)] if levers else [shared])
+    screens = {model: label for model, (label, _) in confirmation(levers).items()} if levers else shared
+    rows = {label: names["resnet18"] for names in (shared, screens)
             for label in names.values()}                    # run label: the ResNet-18 trained with its flags
     for label, resnet in rows.items():
         mine, reference = seed_top1(results, label), seed_top1(results, resnet)
