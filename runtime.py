@@ -111,11 +111,21 @@ def model_overrides(args):
     return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
 
 
+# The model fields that only some attention families read (model.py, swin.py; resnet18, torchvision's, reads none
+# of them). The others each family reads or checks itself (CATConfig refuses a resnet18 with positions, say).
+TRANSFORMERS = ("cross_axis", "softmax", "performer")
+READ_BY = {**dict.fromkeys(("dim", "heads", "mlp_ratio", "dropout", "drop_path"), (*TRANSFORMERS, "swin")),
+           **dict.fromkeys(("depth", "imprint"), TRANSFORMERS), **dict.fromkeys(("axis", "form"), ("cross_axis",)),
+           **dict.fromkeys(("performer_kernel", "performer_features"), ("performer",)),
+           **dict.fromkeys(("stages", "window"), ("swin",))}
+
+
 def unused_model_flags(overrides, config, model):
-    """Why the model flags in `overrides` would be silently ignored by `config` (of preset `model`), whose attention
-    never reads them (--stages and --window are Swin's): one line each."""
-    return [f"--{name} is only used by swin-tiny's attention (swin), not by {model}'s ({config.attn})"
-            for name in ("stages", "window") if name in overrides and config.attn != "swin"]
+    """Why the model flags in `overrides` would be silently ignored by `config` (of preset `model`, or the
+    attention --attn gives it), whose attention never reads them: one line each."""
+    attn = overrides.get("attn", config.attn)
+    return [f"--{name.replace('_', '-')} is only used by the {', '.join(READ_BY[name])} attention, not by "
+            f"{model}'s ({attn})" for name in overrides if name in READ_BY and attn not in READ_BY[name]]
 
 
 def in_flag_terms(message, names=()):

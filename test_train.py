@@ -378,8 +378,14 @@ def test_truncated_foreign_and_missing_checkpoints_fail_clearly(tmp_path):
     (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
     (["--warmup", "1.5"], "--warmup (a fraction of the steps) must be in [0, 1], got 1.5"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1], got 1.5"),
-    (["--stages", "2", "2"], "--stages is only used by swin-tiny's attention (swin), not by cat-tiny's (cross_axis)"),
-    (["--window", "4"], "--window is only used by swin-tiny's attention (swin)"),
+    (["--stages", "2", "2"], "--stages is only used by the swin attention, not by cat-tiny's (cross_axis)"),
+    (["--window", "4"], "--window is only used by the swin attention"),
+    (["--model", "resnet18"], "--dim is only used by the cross_axis, softmax, performer, swin attention, not by "
+     "resnet18's (resnet18)"),                                           # torchvision's ResNet-18 has its own widths
+    (["--model", "vit-tiny", "--form", "linear"], "--form is only used by the cross_axis attention, not by vit-tiny's"),
+    (["--attn", "softmax", "--axis", "row"], "--axis is only used by the cross_axis attention, not by cat-tiny's "
+     "(softmax)"),
+    (["--model", "swin-tiny", "--depth", "4"], "--depth is only used by the cross_axis, softmax, performer attention"),
     (["--erase", "0.25"], "--erase is not used by the shapes data"),
     (["--download"], "--download is not used by the shapes data"),
     (["--data", "imagefolder", "--data-dir", "/nonexistent", "--download"],
