@@ -96,19 +96,23 @@ LEVERS = {"trivial": ["--auto-augment", "trivial"],         # TrivialAugmentWide
           "lr2e-3": ["--lr", "2e-3"],                        # twice the recipe's peak
           "mlp2": ["--mlp-ratio", "2"],                      # a wider FFN: 1.12 GFLOPs at 128 px, ResNet-18's 1.18
           "cls": ["--pool", "cls"]}                          # a class token against cat-tiny's mean of the grid
-SCREEN_BASE = [*cat_tiny(pos="scaled"), "--stem", "conv"]
+SCREEN_BASE = FAMILIES["cat-tiny-conv-stem"]
 SCREEN = {"patch": [*cat_tiny(pos="scaled"), "--stem", "patch"], "conv": SCREEN_BASE,     # label: flags
           **{f"conv+{lever}": [*SCREEN_BASE, *flags] for lever, flags in LEVERS.items()}}
 # Then, by a fixed rule (small_data_plan): the levers that clear the bar run together on `conv`; the best of those
 # levers alone and together (ties to fewer levers) is confirmed at the families' size and length on 3 seeds, and
-# its training levers run unchanged for the ResNet-18 and the ViT, so that the comparison stays fair; the other
-# levers change the model and are CAT's own. Where no lever clears the bar, the confirmation is `conv` itself
-# (cat-tiny-conv-stem) against the ResNet-18, both to 3 seeds.
-TRAINING_LEVERS = ("trivial", "mix", "erase", "ema", "lr2e-3")
-CONFIRMED = {"cat": SCREEN_BASE, "resnet18": ["--model", "resnet18"], "vit-tiny": ["--model", "vit-tiny"]}
+# its training levers run unchanged for the ResNet-18 and the ViT, so that the comparison stays fair; the model
+# levers are CAT's own. Where no lever clears the bar, the confirmation is `conv` itself (cat-tiny-conv-stem)
+# against the ResNet-18, both to 3 seeds.
+MODEL_LEVERS = ("mlp2", "cls")
+CONFIRMED = {"cat": "cat-tiny-conv-stem", "resnet18": "resnet18", "vit-tiny": "vit-tiny"}    # model: its family
 SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
 FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training (eval.py runs after it): the
                                                 # families keep theirs, for the curves of top-1 against time
+
+
+def recipe(res, epochs, data_dir=DATA):
+    return [*RECIPE, "--data-dir", data_dir, "--res", str(res), "--epochs", str(epochs)]
 
 
 def plan(seeds, data_dir=DATA):
@@ -118,15 +122,14 @@ def plan(seeds, data_dir=DATA):
     groups = {}                                 # (seed index, group) -> runs
     for i, seed in enumerate(seeds):
         s = ["--seed", str(seed)]
-        recipe = [*RECIPE, "--data-dir", data_dir, "--res", str(RES)]
         for label, flags in FAMILIES.items():
             if i == 0 or label in HEADLINE_SEEDS:
                 group = groups.setdefault((i, 0 if label in HEADLINE else 2), {})
-                group[f"{label}-s{seed}"] = ([*recipe, "--epochs", str(EPOCHS), *flags, *s], [RES, 160])
+                group[f"{label}-s{seed}"] = ([*recipe(RES, EPOCHS, data_dir), *flags, *s], [RES, 160])
         if i >= 2:
             continue                            # 2 seeds for everything below
         rotaries = groups.setdefault((i, 1), {})
-        at_80 = [*RECIPE, "--data-dir", data_dir, "--res", str(ROTARY_RES), "--epochs", str(EPOCHS), *FINAL_EVAL_ONLY]
+        at_80 = [*recipe(ROTARY_RES, EPOCHS, data_dir), *FINAL_EVAL_ONLY]
         for pos in ROTARIES:
             rotaries[f"rotary-{pos}-s{seed}"] = ([*at_80, *cat_tiny(pos), *s], ROTARY_EVAL)
             rotaries[f"shapes-{pos}-s{seed}"] = ([*SHAPES, *cat_tiny(pos), *s], [])
@@ -134,19 +137,28 @@ def plan(seeds, data_dir=DATA):
             rotaries[f"rotary-cat-fp32-s{seed}"] = ([*at_80, *cat_tiny("cat"), *s, "--no-amp"], ROTARY_EVAL)
         for pos in VIT_ROTARIES:
             rotaries[f"vit-rotary-{pos}-s{seed}"] = ([*at_80, "--model", "vit-tiny", "--pos", pos, *s], ROTARY_EVAL)
-        short, tenth = [*recipe, "--epochs", str(SHORT), *FINAL_EVAL_ONLY], groups.setdefault((i, 3), {})
+        short, tenth = [*recipe(RES, SHORT, data_dir), *FINAL_EVAL_ONLY], groups.setdefault((i, 3), {})
         tenth[f"vit-tiny-e{SHORT}-s{seed}"] = ([*short, "--model", "vit-tiny", *s], [RES])
         for label, flags in TABLE4_FLAGS.items():
             tenth[f"{label}-e{SHORT}-s{seed}"] = ([*short, *flags, *s], [RES])
     if SCREEN_SEED in seeds:
-        groups[(len(seeds), 0)] = {f"small-{label}-s{SCREEN_SEED}": ([*screen_recipe(data_dir), *flags], [ROTARY_RES])
+        groups[(len(seeds), 0)] = {screen_run(label): ([*screen_recipe(data_dir), *flags], [ROTARY_RES])
                                    for label, flags in SCREEN.items()}
     return {name: v for key in sorted(groups) for name, v in groups[key].items()}
 
 
 def screen_recipe(data_dir=DATA):
-    return [*RECIPE, "--data-dir", data_dir, "--res", str(ROTARY_RES), "--epochs", str(SHORT), *FINAL_EVAL_ONLY,
-            "--seed", str(SCREEN_SEED)]
+    return [*recipe(ROTARY_RES, SHORT, data_dir), *FINAL_EVAL_ONLY, "--seed", str(SCREEN_SEED)]
+
+
+def screen_run(label):
+    """The screen's run of SCREEN's `label` ('conv+mix' -> 'small-conv+mix-s0')."""
+    return f"small-{label}-s{SCREEN_SEED}"
+
+
+def screen_name(levers):
+    """The screen's run of `levers` together on `conv`."""
+    return screen_run("conv+" + "+".join(levers))
 
 
 # What is left to run goes in the order of the questions it answers (docs/results.md): what fp32 changes (the
@@ -186,10 +198,10 @@ def screen_winners(results):
     """The levers whose gain on `conv` in the screen clears the bar (seed_gap), in LEVERS' order; None until every
     screen run has finished."""
     bar = seed_gap(results)
-    if bar is None or any(f"small-{label}-s{SCREEN_SEED}" not in results for label in SCREEN):
+    scores = {label: top1(results, screen_run(label), ROTARY_RES) for label in SCREEN}
+    if bar is None or None in scores.values():
         return None
-    base = top1(results, f"small-conv-s{SCREEN_SEED}", ROTARY_RES)
-    return [lever for lever in LEVERS if top1(results, screen_name([lever]), ROTARY_RES) - base > bar]
+    return [lever for lever in LEVERS if scores[f"conv+{lever}"] - scores["conv"] > bar]
 
 
 def screen_choice(results):
@@ -205,27 +217,21 @@ def screen_choice(results):
     return None if None in scores else candidates[scores.index(max(scores))]
 
 
-def screen_name(levers):
-    return f"small-conv+{'+'.join(levers)}-s{SCREEN_SEED}"
-
-
 def confirmation(levers):
     """{model: (run label, its train.py flags beyond the families' recipe)} of the confirmation of `levers`: the CAT
     with them all, the ResNet-18 and the ViT with the training ones. Without training levers the ResNet-18 keeps the
     shared recipe (the ViT has three seeds of it already), and without any the CAT is cat-tiny-conv-stem itself."""
-    training = [lever for lever in levers if lever in TRAINING_LEVERS]
-    if not training:
-        cat = "small-cat+" + "+".join(levers) if levers else "cat-tiny-conv-stem"
-        return {"cat": (cat, [*CONFIRMED["cat"], *lever_flags(levers)]), "resnet18": ("resnet18", CONFIRMED["resnet18"])}
+    training = [lever for lever in levers if lever not in MODEL_LEVERS]
     runs = {}
-    for model, flags in CONFIRMED.items():
+    for model, family in CONFIRMED.items():
         own = levers if model == "cat" else training
-        runs[model] = (f"small-{model}+" + "+".join(own), [*flags, *lever_flags(own)])
+        if own or model != "vit-tiny":
+            runs[model] = (f"small-{model}+" + "+".join(own) if own else family, [*FAMILIES[family], *lever_flags(own)])
     return runs
 
 
 def small_data_plan(seeds, results, data_dir=DATA):
-    """The screen's sequel (#37), known as the screen finishes: the winning levers together, then the confirmation
+    """The screen's sequel, known as the screen finishes: the winning levers together, then the confirmation
     of screen_choice() at RES for EPOCHS, per seed."""
     winners, levers = screen_winners(results), screen_choice(results)
     runs = {}
@@ -233,10 +239,9 @@ def small_data_plan(seeds, results, data_dir=DATA):
         runs[screen_name(winners)] = ([*screen_recipe(data_dir), *SCREEN_BASE, *lever_flags(winners)], [ROTARY_RES])
     if levers is None:
         return runs
-    recipe = [*RECIPE, "--data-dir", data_dir, "--res", str(RES), "--epochs", str(EPOCHS)]
     for seed in seeds:
         for label, flags in confirmation(levers).values():
-            runs[f"{label}-s{seed}"] = ([*recipe, *flags, "--seed", str(seed)], [RES, 160])
+            runs[f"{label}-s{seed}"] = ([*recipe(RES, EPOCHS, data_dir), *flags, "--seed", str(seed)], [RES, 160])
     return runs
 
 
@@ -356,22 +361,22 @@ def cell(values, digits=1):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)})"
 
 
-def machine_tag(run):
+def machine_tag(record):
     """A run's machine in the word a table cell or a legend can carry: 'Intel(R) Xeon(R) Processor (AMX),
     2 threads' -> 'Xeon'; with its boot, 'EPYC f1b8'; trained in fp32, not the recipe's bf16, 'EPYC f1b8 fp32'."""
-    machine = run.get("machine", "not recorded")
+    machine = record.get("machine", "not recorded")
     cpu = " ".join(re.sub(r"\(R\)|\(.*?\)|Intel|AMD|Processor|,.*", "", machine).split()) or machine
     boot = re.search(r", boot (\w{4})", machine)               # one session's machine: 'EPYC f1b8'
     tag = f"{cpu} {boot[1]}" if boot else cpu
-    return tag + " fp32" * ("fp32" in run.get("precision", ""))
+    return tag + " fp32" * ("fp32" in record.get("precision", ""))
 
 
 def by_machine(runs, value, digits=1):
-    """cell() of value(run) per training machine, most runs first: '133 ± 7 (2) Xeon; 70 EPYC'. Speeds and
+    """cell() of value(record) per training machine, most runs first: '133 ± 7 (2) Xeon; 70 EPYC'. Speeds and
     times from different CPUs are never averaged together."""
     groups = {}
-    for run in runs:
-        groups.setdefault(machine_tag(run), []).append(value(run))
+    for record in runs:
+        groups.setdefault(machine_tag(record), []).append(value(record))
     ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
     return "; ".join(f"{cell(values, digits)} {machine}" for machine, values in ordered) or "-"
 
@@ -444,7 +449,7 @@ def seed_gap(results):
 def screen_table(results):
     """The small-data screen: a caption, then each run's top-1 at its training resolution and its gain on `conv`,
     in bold where it clears the seed gap."""
-    base, bar = top1(results, f"small-conv-s{SCREEN_SEED}", ROTARY_RES), seed_gap(results)
+    base, bar = top1(results, screen_run("conv"), ROTARY_RES), seed_gap(results)
     lines = [f"A CAT for small data, the screen: cat-tiny at {ROTARY_RES} px, {SHORT} epochs, seed {SCREEN_SEED}; "
              "each lever alone on `conv` (the `scaled` rotary and the convolutional stem); `patch`: the patchify stem; "
              + ("no rotary run has two seeds yet" if bar is None else
@@ -456,16 +461,16 @@ def screen_table(results):
     if winners and len(winners) > 1:
         labels.append(f"conv+{'+'.join(winners)}")          # the winners together
     for label in labels:
-        name = f"small-{label}-s{SCREEN_SEED}"
-        if name not in results:
+        name = screen_run(label)
+        if top1(results, name, ROTARY_RES) is None:
             lines.append(f"| `{label}` | - | - | - | - | - |")
             continue
-        run, value = results[name], top1(results, name, ROTARY_RES)
+        record, value = results[name], top1(results, name, ROTARY_RES)
         gain = "-" if base is None else f"{value - base:+.1f}"
         if base is not None and bar is not None and value - base > bar:
             gain = f"**{gain}**"
-        lines.append(f"| `{label}` | {run['params'] / 1e6:.2f}M | {run['flops_per_image'] / 1e9:.2f} | {value:.1f} | "
-                     f"{gain} | {by_machine([run], lambda x: x['train_seconds'] / 60)} |")
+        lines.append(f"| `{label}` | {record['params'] / 1e6:.2f}M | {record['flops_per_image'] / 1e9:.2f} | "
+                     f"{value:.1f} | {gain} | {by_machine([record], lambda x: x['train_seconds'] / 60)} |")
     return lines
 
 
@@ -478,10 +483,10 @@ def confirmation_table(results):
               " ".join(f"`{lever}`" for lever in levers) or "none (no lever cleared the bar)")
     lines = [f"A CAT for small data, confirmed: {RES} px, {EPOCHS} epochs; the screen's levers: {chosen}", "",
              f"| run | top-1 @ {RES} px | top-1 @ 160 px | behind resnet18 @ {RES} px | train min |", "| --- " * 5 + "|"]
-    shared = {"cat": "cat-tiny-conv-stem", "resnet18": "resnet18", "vit-tiny": "vit-tiny"}
-    screens = {model: label for model, (label, _) in confirmation(levers).items()} if levers else shared
-    rows = {label: names["resnet18"] for names in (shared, screens)
-            for label in names.values()}                    # run label: the ResNet-18 trained with its flags
+    rows = {}                                               # run label: the ResNet-18 trained with its flags
+    for recipe_labels in (CONFIRMED, {model: label for model, (label, _) in confirmation(levers or []).items()}):
+        for label in recipe_labels.values():
+            rows[label] = recipe_labels["resnet18"]
     for label, resnet in rows.items():
         mine, reference = seed_top1(results, label), seed_top1(results, resnet)
         behind = f"{statistics.mean(reference) - statistics.mean(mine):.1f}" if mine and reference else "-"
@@ -513,9 +518,9 @@ def time_ratio(results):
     same; train_seconds counts training steps only, not validation)."""
     for suffix in [f"-e{SHORT}", ""]:
         cat, vit = ([results[n] for n in seeds_of(results, f"{label}{suffix}")] for label in ("cat-tiny", "vit-tiny"))
-        machine = next((r["machine"] for r in cat if r["machine"] in {v["machine"] for v in vit}), None)
+        machine = next((r.get("machine") for r in cat if r.get("machine") in {v.get("machine") for v in vit}), None)
         if machine:
-            seconds = [statistics.mean(r["train_seconds"] for r in runs if r["machine"] == machine)
+            seconds = [statistics.mean(r["train_seconds"] for r in runs if r.get("machine") == machine)
                        for runs in (cat, vit)]
             return f"training time {seconds[0] / seconds[1]:.2f}x (cat-tiny{suffix} / vit-tiny{suffix} on {machine})"
     return "training time: no CAT and ViT runs on one machine yet"

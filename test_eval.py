@@ -266,6 +266,8 @@ def test_headline_time_ratio_comes_from_one_machine():
     results["cat-tiny-e10-s1"] = {"train_seconds": 700.0, "machine": here}      # now a 10-epoch pair on one machine
     assert experiments.time_ratio(results) == f"training time 0.35x (cat-tiny-e10 / vit-tiny-e10 on {here})"
     assert "no CAT and ViT" in experiments.time_ratio({"cat-tiny-s0": results["cat-tiny-s0"]})
+    del results["vit-tiny-e10-s0"]["machine"]                       # an entry that never recorded its machine
+    assert experiments.time_ratio(results) == f"training time 0.38x (cat-tiny / vit-tiny on {here})"
 
 
 def test_report_never_averages_speeds_from_different_machines():
@@ -357,6 +359,28 @@ def screen_results(**gains):
     results = {"rotary-mixed-s0": run(69.2), "rotary-mixed-s1": run(70.9), "small-patch-s0": run(62.0),
                "small-conv-s0": run(70.0)}
     return run, results | {f"small-conv+{lever}-s0": run(70.0 + gains.get(lever, 0.0)) for lever in experiments.LEVERS}
+
+
+def test_a_screen_run_without_its_training_resolution_counts_as_unfinished():
+    """A results entry for a screen run but no top-1 at 80 px (a file edited by hand) leaves the choice open and
+    shows the run as queued, where arithmetic on the missing figure would stop --report."""
+    run, results = screen_results(trivial=2.0)
+    results["small-conv+mix-s0"]["eval"] = [{"res": 160, "top1": 70.0}]
+    assert experiments.screen_winners(results) is None and experiments.screen_choice(results) is None
+    assert "| `conv+mix` | - | - | - | - | - |" in experiments.screen_table(results)
+
+
+def test_the_model_levers_are_those_the_resnet_refuses():
+    """A lever outside MODEL_LEVERS runs unchanged for the ResNet-18 and the ViT in the confirmation: each must be
+    a training flag that both accept, and each model lever one that the ResNet-18 refuses (it changes CAT)."""
+    for lever, flags in experiments.LEVERS.items():
+        for family in ("resnet18", "vit-tiny"):
+            command = [*experiments.recipe(128, 20), *experiments.FAMILIES[family], *flags]
+            if lever in experiments.MODEL_LEVERS and family == "resnet18":
+                with pytest.raises(SystemExit):
+                    train.parse_args(command)
+            elif lever not in experiments.MODEL_LEVERS:
+                train.parse_args(command)
 
 
 def test_the_screen_chooses_what_to_confirm_by_its_rule():
