@@ -179,10 +179,11 @@ def equal_time_plan(seeds, results, data_dir=DATA):
     """ViT given CAT's training time instead of its epochs: as many steps as it makes in the seconds cat-tiny
     took for 20 epochs, on the same cosine schedule (compressed to those steps). Known once both have run. The
     two speeds must come from one machine (sessions here get different CPUs): the seed's own pair when its two
-    runs trained on the same machine (one CPU and, where recorded, one boot), else the first seed's pair that did."""
+    runs trained on the same recorded machine (one CPU and, where recorded, one boot), else the first seed's pair
+    that did."""
     def pair(seed):
         return results.get(f"cat-tiny-s{seed}"), results.get(f"vit-tiny-s{seed}")
-    timed = [p for p in map(pair, seeds) if all(p) and p[0].get("machine") == p[1].get("machine")]
+    timed = [p for p in map(pair, seeds) if all(p) and p[0].get("machine") and p[0]["machine"] == p[1].get("machine")]
     runs = {}
     for seed in seeds:
         own = pair(seed)
@@ -225,8 +226,9 @@ def confirmation(levers):
     runs = {}
     for model, family in CONFIRMED.items():
         own = levers if model == "cat" else training
-        if own or model != "vit-tiny":
-            runs[model] = (f"small-{model}+" + "+".join(own) if own else family, [*FAMILIES[family], *lever_flags(own)])
+        if own or model != "vit-tiny":          # the ViT's shared recipe has its three seeds already
+            label = f"small-{model}+{'+'.join(own)}" if own else family
+            runs[model] = (label, [*FAMILIES[family], *lever_flags(own)])
     return runs
 
 
@@ -484,9 +486,10 @@ def confirmation_table(results):
     lines = [f"A CAT for small data, confirmed: {RES} px, {EPOCHS} epochs; the screen's levers: {chosen}", "",
              f"| run | top-1 @ {RES} px | top-1 @ 160 px | behind resnet18 @ {RES} px | train min |", "| --- " * 5 + "|"]
     rows = {}                                               # run label: the ResNet-18 trained with its flags
-    for recipe_labels in (CONFIRMED, {model: label for model, (label, _) in confirmation(levers or []).items()}):
-        for label in recipe_labels.values():
-            rows[label] = recipe_labels["resnet18"]
+    screen = {model: label for model, (label, _) in confirmation(levers or []).items()}
+    for labels in (CONFIRMED, screen):                      # the shared recipe's runs, then the screen's
+        for label in labels.values():
+            rows[label] = labels["resnet18"]
     for label, resnet in rows.items():
         mine, reference = seed_top1(results, label), seed_top1(results, resnet)
         behind = f"{statistics.mean(reference) - statistics.mean(mine):.1f}" if mine and reference else "-"
@@ -518,7 +521,7 @@ def time_ratio(results):
     same; train_seconds counts training steps only, not validation)."""
     for suffix in [f"-e{SHORT}", ""]:
         cat, vit = ([results[n] for n in seeds_of(results, f"{label}{suffix}")] for label in ("cat-tiny", "vit-tiny"))
-        machine = next((r.get("machine") for r in cat if r.get("machine") in {v.get("machine") for v in vit}), None)
+        machine = next((m for r in cat if (m := r.get("machine")) and m in {v.get("machine") for v in vit}), None)
         if machine:
             seconds = [statistics.mean(r["train_seconds"] for r in runs if r.get("machine") == machine)
                        for runs in (cat, vit)]

@@ -124,8 +124,13 @@ def unused_model_flags(overrides, config, model):
     """Why the model flags in `overrides` would be silently ignored by `config` (of preset `model`, or the
     attention --attn gives it), whose attention never reads them: one line each."""
     attn = overrides.get("attn", config.attn)
-    return [f"--{name.replace('_', '-')} is only used by the {', '.join(READ_BY[name])} attention, not by "
-            f"{model}'s ({attn})" for name in overrides if name in READ_BY and attn not in READ_BY[name]]
+    whose = f"--attn {attn}" if "attn" in overrides else f"{model}'s ({attn})"
+    reasons = [f"--{name.replace('_', '-')} is only used by the {', '.join(READ_BY[name])} attention, not by {whose}"
+               for name in overrides if name in READ_BY and attn not in READ_BY[name]]
+    if attn == "performer" and "performer_features" in overrides and \
+            overrides.get("performer_kernel", config.performer_kernel) == "relu":
+        reasons.append("--performer-features is only used by the favor kernel, not by --performer-kernel relu")
+    return reasons
 
 
 def in_flag_terms(message, names=()):

@@ -81,6 +81,7 @@ def test_eval_under_torchrun_matches_one_process(checkpoint):
     (["--res", "36"], "--res 36 not divisible by the patch size 8"),
     (["--model", "vit-tiny"], "weights do not fit the model"),
     (["--dim", "64"], "weights do not fit the model"),
+    (["--form", "linear", "--model", "vit-tiny"], "--form is only used by the cross_axis attention, not by vit-tiny's"),
 ])
 def test_eval_bad_requests_fail_clearly(checkpoint, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -231,8 +232,11 @@ def test_every_experiment_is_a_valid_train_command():
     assert changed == {"trivial": {"auto_augment": "trivial"}, "mix": {"mixup": 0.8, "cutmix": 1.0},  # one lever each
                        "erase": {"erase": 0.25}, "ema": {"ema": 0.998}, "lr2e-3": {"lr": 2e-3},
                        "mlp2": {"mlp_ratio": 2}, "cls": {"pool": "cls"}}
-    cat = {"train_seconds": 600.0, "train_images_per_s": 150.0}
-    vit = {"train_seconds": 1500.0, "train_images_per_s": 64.0}
+    cat = {"train_seconds": 600.0, "train_images_per_s": 150.0, "machine": "Xeon (AMX)"}
+    vit = {"train_seconds": 1500.0, "train_images_per_s": 64.0, "machine": "Xeon (AMX)"}
+    unknown = {name: {k: v for k, v in run.items() if k != "machine"} for name, run in (("cat-tiny-s0", cat),
+                                                                                      ("vit-tiny-s0", vit))}
+    assert experiments.equal_time_plan([0], unknown) == {}          # times from machines not recorded: no pair
     timed = experiments.equal_time_plan([0, 1], {"cat-tiny-s0": cat, "vit-tiny-s0": vit, "cat-tiny-s1": cat})
     flags, _ = timed.pop("vit-tiny-time-s0")                  # seed 1's ViT has not run: no run for it yet
     assert not timed and train.parse_args(flags)[0].max_steps == 600 * 64 // 64   # CAT's seconds at ViT's speed
@@ -370,7 +374,7 @@ def test_a_screen_run_without_its_training_resolution_counts_as_unfinished():
     assert "| `conv+mix` | - | - | - | - | - |" in experiments.screen_table(results)
 
 
-def test_the_model_levers_are_those_the_resnet_refuses():
+def test_the_model_levers_are_those_the_resnet_refuses(capsys):
     """A lever outside MODEL_LEVERS runs unchanged for the ResNet-18 and the ViT in the confirmation: each must be
     a training flag that both accept, and each model lever one that the ResNet-18 refuses (it changes CAT)."""
     for lever, flags in experiments.LEVERS.items():
@@ -379,6 +383,7 @@ def test_the_model_levers_are_those_the_resnet_refuses():
             if lever in experiments.MODEL_LEVERS and family == "resnet18":
                 with pytest.raises(SystemExit):
                     train.parse_args(command)
+                assert flags[0][2:] in capsys.readouterr().err.replace("_", "-")     # for this lever's flag
             elif lever not in experiments.MODEL_LEVERS:
                 train.parse_args(command)
 

@@ -383,8 +383,9 @@ def test_truncated_foreign_and_missing_checkpoints_fail_clearly(tmp_path):
     (["--model", "resnet18"], "--dim is only used by the cross_axis, softmax, performer, swin attention, not by "
      "resnet18's (resnet18)"),                                           # torchvision's ResNet-18 has its own widths
     (["--model", "vit-tiny", "--form", "linear"], "--form is only used by the cross_axis attention, not by vit-tiny's"),
-    (["--attn", "softmax", "--axis", "row"], "--axis is only used by the cross_axis attention, not by cat-tiny's "
-     "(softmax)"),
+    (["--attn", "softmax", "--axis", "row"], "--axis is only used by the cross_axis attention, not by --attn softmax"),
+    (["--model", "performer-tiny", "--performer-kernel", "relu", "--performer-features", "32"],
+     "--performer-features is only used by the favor kernel, not by --performer-kernel relu"),
     (["--model", "swin-tiny", "--depth", "4"], "--depth is only used by the cross_axis, softmax, performer attention"),
     (["--erase", "0.25"], "--erase is not used by the shapes data"),
     (["--download"], "--download is not used by the shapes data"),
