@@ -464,10 +464,11 @@ def screen_table(results):
         labels.append(f"conv+{'+'.join(winners)}")          # the winners together
     for label in labels:
         name = screen_run(label)
-        if top1(results, name, ROTARY_RES) is None:
+        value = top1(results, name, ROTARY_RES)
+        if value is None:
             lines.append(f"| `{label}` | - | - | - | - | - |")
             continue
-        record, value = results[name], top1(results, name, ROTARY_RES)
+        record = results[name]
         gain = "-" if base is None else f"{value - base:+.1f}"
         if base is not None and bar is not None and value - base > bar:
             gain = f"**{gain}**"
