@@ -95,16 +95,19 @@ LEVERS = {"trivial": ["--auto-augment", "trivial"],         # TrivialAugmentWide
           "ema": ["--ema", "0.998"],                         # an average over the last ~500 of 1,470 steps
           "lr2e-3": ["--lr", "2e-3"],                        # twice the recipe's peak
           "mlp2": ["--mlp-ratio", "2"],                      # a wider FFN: 1.12 GFLOPs at 128 px, ResNet-18's 1.18
+          "depth8": ["--depth", "8"],                        # two more blocks: 1.13 GFLOPs at 128 px
           "cls": ["--pool", "cls"]}                          # a class token against cat-tiny's mean of the grid
 SCREEN_BASE = FAMILIES["cat-tiny-conv-stem"]
 SCREEN = {"patch": [*cat_tiny(pos="scaled"), "--stem", "patch"], "conv": SCREEN_BASE,     # label: flags
           **{f"conv+{lever}": [*SCREEN_BASE, *flags] for lever, flags in LEVERS.items()}}
-# Then, by a fixed rule (small_data_plan): the levers that clear the bar run together on `conv`; the best of those
-# levers alone and together (ties to fewer levers) is confirmed at the families' size and length on 3 seeds, and
+# Then, by a fixed rule (small_data_plan): the levers that clear the bar run together on `conv` (of the CAPACITY
+# levers, which together would pass the ResNet-18's FLOPs, only the better; a tie to the first, the cheaper); the
+# best of those levers alone and together (ties to fewer levers) is confirmed at the families' size and length on 3 seeds, and
 # its training levers run unchanged for the ResNet-18 and the ViT, so that the comparison stays fair; the model
 # levers are CAT's own. Where no lever clears the bar, the confirmation is `conv` itself (cat-tiny-conv-stem)
 # against the ResNet-18, both to 3 seeds.
-MODEL_LEVERS = ("mlp2", "cls")
+MODEL_LEVERS = ("mlp2", "depth8", "cls")
+CAPACITY = ("mlp2", "depth8")       # width or depth: each spends most of the FLOPs left under the ResNet-18's
 CONFIRMED = {"cat": "cat-tiny-conv-stem", "resnet18": "resnet18", "vit-tiny": "vit-tiny"}    # model: its family
 SHAPES = ["--data", "shapes", "--epochs", "1"]  # the built-in shapes: the label depends on where things are
 FINAL_EVAL_ONLY = ["--eval-every", str(10**9)]  # no validation during training (eval.py runs after it): the
@@ -196,13 +199,15 @@ def equal_time_plan(seeds, results, data_dir=DATA):
 
 
 def screen_winners(results):
-    """The levers whose gain on `conv` in the screen clears the bar (seed_gap), in LEVERS' order; None until every
-    screen run has finished."""
+    """The levers whose gain on `conv` in the screen clears the bar (seed_gap), in LEVERS' order, of the CAPACITY
+    levers only the best; None until every screen run has finished."""
     bar = seed_gap(results)
     scores = {label: top1(results, screen_run(label), ROTARY_RES) for label in SCREEN}
     if bar is None or None in scores.values():
         return None
-    return [lever for lever in LEVERS if scores[f"conv+{lever}"] - scores["conv"] > bar]
+    winners = [lever for lever in LEVERS if scores[f"conv+{lever}"] - scores["conv"] > bar]
+    capacity = max((lever for lever in winners if lever in CAPACITY), key=lambda l: scores[f"conv+{l}"], default=None)
+    return [lever for lever in winners if lever not in CAPACITY or lever == capacity]
 
 
 def screen_choice(results):
@@ -450,13 +455,13 @@ def seed_gap(results):
 
 def screen_table(results):
     """The small-data screen: a caption, then each run's top-1 at its training resolution and its gain on `conv`,
-    in bold where it clears the seed gap."""
+    in bold where it clears the seed gap (a CAPACITY lever beaten by the other one not)."""
     base, bar = top1(results, screen_run("conv"), ROTARY_RES), seed_gap(results)
     lines = [f"A CAT for small data, the screen: cat-tiny at {ROTARY_RES} px, {SHORT} epochs, seed {SCREEN_SEED}; "
              "each lever alone on `conv` (the `scaled` rotary and the convolutional stem); `patch`: the patchify stem; "
              + ("no rotary run has two seeds yet" if bar is None else
                 f"a gain counts (bold) above {bar:.1f} points, the widest gap between two seeds of one rotary run "
-                f"at {ROTARY_RES} px"), "",
+                f"at {ROTARY_RES} px; of {' and '.join(f'`{lever}`' for lever in CAPACITY)} only the better counts"), "",
              f"| run | params | GFLOPs | top-1 @ {ROTARY_RES} px | vs `conv` | train min |", "| --- " * 6 + "|"]
     winners = screen_winners(results)
     labels = list(SCREEN)
@@ -470,7 +475,9 @@ def screen_table(results):
             continue
         record = results[name]
         gain = "-" if base is None else f"{value - base:+.1f}"
-        if base is not None and bar is not None and value - base > bar:
+        lever = label.removeprefix("conv+")
+        beaten = winners is not None and lever in CAPACITY and lever not in winners       # by the other one
+        if base is not None and bar is not None and value - base > bar and not beaten:
             gain = f"**{gain}**"
         lines.append(f"| `{label}` | {record['params'] / 1e6:.2f}M | {record['flops_per_image'] / 1e9:.2f} | "
                      f"{value:.1f} | {gain} | {by_machine([record], lambda x: x['train_seconds'] / 60)} |")

@@ -15,6 +15,7 @@ import experiments
 import train
 import runtime
 from checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from model import PRESETS, count_flops
 
 REPO = Path(__file__).parent
 
@@ -231,7 +232,7 @@ def test_every_experiment_is_a_valid_train_command():
                for lever in experiments.LEVERS}
     assert changed == {"trivial": {"auto_augment": "trivial"}, "mix": {"mixup": 0.8, "cutmix": 1.0},  # one lever each
                        "erase": {"erase": 0.25}, "ema": {"ema": 0.998}, "lr2e-3": {"lr": 2e-3},
-                       "mlp2": {"mlp_ratio": 2}, "cls": {"pool": "cls"}}
+                       "mlp2": {"mlp_ratio": 2}, "depth8": {"depth": 8}, "cls": {"pool": "cls"}}
     cat = {"train_seconds": 600.0, "train_images_per_s": 150.0, "machine": "Xeon (AMX)"}
     vit = {"train_seconds": 1500.0, "train_images_per_s": 64.0, "machine": "Xeon (AMX)"}
     unknown = {name: {k: v for k, v in run.items() if k != "machine"} for name, run in (("cat-tiny-s0", cat),
@@ -386,6 +387,35 @@ def test_the_model_levers_are_those_the_resnet_refuses(capsys):
                 assert flags[0][2:] in capsys.readouterr().err.replace("_", "-")     # for this lever's flag
             elif lever not in experiments.MODEL_LEVERS:
                 train.parse_args(command)
+
+
+def test_the_capacity_levers_spend_most_of_the_flops_left_under_the_resnets():
+    """mlp2 (width) and depth8 (depth) each add to the conv-stem CAT at 128 px more than half of what it is short of
+    the ResNet-18's FLOPs, and neither goes past them."""
+    def flops(flags):
+        args, parser = train.parse_args([*experiments.recipe(128, 20), *flags])
+        return count_flops(train.model_config(args, parser, PRESETS[args.model], num_classes=10), 128)
+    resnet, conv = flops(experiments.FAMILIES["resnet18"]), flops(experiments.SCREEN_BASE)
+    for lever in experiments.CAPACITY:
+        assert conv + (resnet - conv) / 2 < flops([*experiments.SCREEN_BASE, *experiments.LEVERS[lever]]) <= resnet
+
+
+def test_of_the_capacity_levers_only_the_better_one_goes_on():
+    """mlp2 and depth8 together would pass the ResNet-18's FLOPs: where both clear the bar, the better one stays
+    among the winners (on a tie the first, the cheaper wider FFN), and only it is bold in the screen's table."""
+    for gains, winners in (({"mlp2": 2.0, "depth8": 2.5}, ["trivial", "depth8"]),
+                           ({"mlp2": 2.5, "depth8": 2.0}, ["trivial", "mlp2"]),
+                           ({"mlp2": 2.5, "depth8": 2.5}, ["trivial", "mlp2"])):
+        run, results = screen_results(trivial=2.0, **gains)
+        assert experiments.screen_winners(results) == winners
+        assert list(experiments.small_data_plan([0], results)) == [experiments.screen_name(winners)]
+        rows = {row.split(" | ")[0]: row for row in experiments.screen_table(results)}
+        for lever in experiments.CAPACITY:
+            assert ("**" in rows[f"| `conv+{lever}`"]) == (lever in winners)
+    run, results = screen_results(mlp2=2.0, depth8=2.5)             # the two alone: depth8 is confirmed, by itself
+    runs = {name: train.parse_args(flags)[0] for name, (flags, _) in experiments.small_data_plan([0], results).items()}
+    assert list(runs) == ["small-cat+depth8-s0", "resnet18-s0"]
+    assert (runs["small-cat+depth8-s0"].depth, runs["resnet18-s0"].depth) == (8, None)     # depth8 is CAT's own
 
 
 def test_the_screen_chooses_what_to_confirm_by_its_rule():
