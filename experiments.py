@@ -102,10 +102,10 @@ SCREEN = {"patch": [*cat_tiny(pos="scaled"), "--stem", "patch"], "conv": SCREEN_
           **{f"conv+{lever}": [*SCREEN_BASE, *flags] for lever, flags in LEVERS.items()}}
 # Then, by a fixed rule (small_data_plan): the levers that clear the bar run together on `conv` (of the CAPACITY
 # levers, which together would pass the ResNet-18's FLOPs, only the better; a tie to the first, the cheaper); the
-# best of those levers alone and together (ties to fewer levers) is confirmed at the families' size and length on 3 seeds, and
-# its training levers run unchanged for the ResNet-18 and the ViT, so that the comparison stays fair; the model
-# levers are CAT's own. Where no lever clears the bar, the confirmation is `conv` itself (cat-tiny-conv-stem)
-# against the ResNet-18, both to 3 seeds.
+# best of those levers alone and together (ties to fewer levers) is confirmed at the families' size and length on
+# 3 seeds, and its training levers run unchanged for the ResNet-18 and the ViT, so that the comparison stays fair;
+# the model levers are CAT's own. Where no lever clears the bar, the confirmation is `conv` itself
+# (cat-tiny-conv-stem) against the ResNet-18, both to 3 seeds.
 MODEL_LEVERS = ("mlp2", "depth8", "cls")
 CAPACITY = ("mlp2", "depth8")       # width or depth: each spends most of the FLOPs left under the ResNet-18's
 CONFIRMED = {"cat": "cat-tiny-conv-stem", "resnet18": "resnet18", "vit-tiny": "vit-tiny"}    # model: its family
