@@ -206,7 +206,8 @@ def screen_winners(results):
     if bar is None or None in scores.values():
         return None
     winners = [lever for lever in LEVERS if scores[f"conv+{lever}"] - scores["conv"] > bar]
-    capacity = max((lever for lever in winners if lever in CAPACITY), key=lambda l: scores[f"conv+{l}"], default=None)
+    capacity = max((lever for lever in winners if lever in CAPACITY), key=lambda lever: scores[f"conv+{lever}"],
+                   default=None)
     return [lever for lever in winners if lever not in CAPACITY or lever == capacity]
 
 
